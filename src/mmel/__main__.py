@@ -1,0 +1,3 @@
+from mmel.cli.main import app
+
+app()

@@ -1,0 +1,130 @@
+"""The one data model of mmel: entities, mentions, knowledge bases, datasets.
+
+Every reader produces these types and every model, baseline and evaluator consumes them.
+Image paths are stored relative to the dataset root (`Dataset.root`) and resolved with
+`mmel.core.paths.resolve_in_root`, so no record can point outside its data root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NIL = None  # gold_qid value of a mention whose entity is not in the KB
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One knowledge-base entity.
+
+    `attributes` is the structured attribute text (MIMIC's `attr`, e.g. "Sex: male. Birth: ...");
+    `description` is free prose (M3EL's `desc`, DIM's LLM-made brief). `images` are paths relative
+    to the dataset root, first one = the image used at evaluation (spec §1.1).
+    """
+
+    qid: str
+    name: str
+    attributes: str = ""
+    description: str = ""
+    images: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def text(self, field_name: str = "attributes") -> str:
+        """The entity text a model reads: `attributes` or `description` (falls back to the other)."""
+        if field_name not in ("attributes", "description"):
+            raise ValueError(f"unknown entity text field {field_name!r}; use 'attributes' or 'description'")
+        primary = self.attributes if field_name == "attributes" else self.description
+        fallback = self.description if field_name == "attributes" else self.attributes
+        return primary or fallback
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One mention to link. `gold_qid is None` means NIL (no entity in the KB).
+
+    `span` is the [start, end) character span of `surface` in `sentence`, or None when the
+    surface form does not occur verbatim. `image` is relative to the dataset root, or None.
+    """
+
+    id: str
+    sentence: str
+    surface: str
+    span: tuple[int, int] | None = None
+    image: str | None = None
+    gold_qid: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_nil(self) -> bool:
+        return self.gold_qid is None
+
+
+def locate_span(sentence: str, surface: str) -> tuple[int, int] | None:
+    """First [start, end) occurrence of `surface` in `sentence` (exact, then case-insensitive)."""
+    if not surface:
+        return None
+    start = sentence.find(surface)
+    if start < 0:
+        start = sentence.lower().find(surface.lower())
+    return (start, start + len(surface)) if start >= 0 else None
+
+
+class KnowledgeBase(Sequence[Entity]):
+    """An ordered list of entities with O(1) QID lookup. Row order is the ranking order."""
+
+    def __init__(self, entities: Iterable[Entity]):
+        self._entities: list[Entity] = list(entities)
+        self._row: dict[str, int] = {}
+        duplicates = []
+        for row, entity in enumerate(self._entities):
+            if entity.qid in self._row:
+                duplicates.append(entity.qid)
+            else:
+                self._row[entity.qid] = row
+        self.duplicate_qids: tuple[str, ...] = tuple(duplicates)
+
+    def __len__(self) -> int:
+        return len(self._entities)
+
+    def __getitem__(self, row):  # type: ignore[override]
+        return self._entities[row]
+
+    def __iter__(self) -> Iterator[Entity]:
+        return iter(self._entities)
+
+    def __contains__(self, qid: object) -> bool:
+        return qid in self._row
+
+    @property
+    def qids(self) -> list[str]:
+        return [entity.qid for entity in self._entities]
+
+    def row_of(self, qid: str) -> int:
+        """Row of `qid`; raises KeyError naming the QID."""
+        try:
+            return self._row[qid]
+        except KeyError:
+            raise KeyError(f"QID {qid!r} is not in the knowledge base ({len(self)} entities)") from None
+
+    def get(self, qid: str) -> Entity | None:
+        row = self._row.get(qid)
+        return None if row is None else self._entities[row]
+
+
+@dataclass
+class Dataset:
+    """A knowledge base plus named splits of mentions, rooted at a directory for images."""
+
+    name: str
+    kb: KnowledgeBase
+    splits: dict[str, list[Mention]]
+    root: Path
+
+    def split(self, name: str) -> list[Mention]:
+        try:
+            return self.splits[name]
+        except KeyError:
+            raise KeyError(f"dataset {self.name!r} has no split {name!r}; available: "
+                           f"{', '.join(sorted(self.splits)) or 'none'}") from None

@@ -1,0 +1,1 @@
+"""mmel.retrieval."""

@@ -1,0 +1,1 @@
+"""mmel.server.routers."""
