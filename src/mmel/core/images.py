@@ -1,0 +1,105 @@
+"""Safe image loading for every image the toolkit touches.
+
+Limits: decompression bombs (pixel count), file size, and paths confined to the data root.
+Images are EXIF-transposed and converted to RGB. A missing, corrupt, truncated or oversized
+file is "no image": `load_image` returns None and records the reason in an `ImageReport`,
+so callers count problems instead of crashing or dropping records silently.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmel.core.errors import PathEscapeError
+from mmel.core.paths import resolve_in_root
+
+MAX_IMAGE_PIXELS = 40_000_000    # above this, PIL's bomb check refuses the image
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+MAX_IMAGE_SIDE = 1024            # larger images are downscaled on load (encoders use 224 px)
+
+
+@dataclass
+class ImageReport:
+    """Counts of images that could not be used, by reason, with a few example paths each."""
+
+    loaded: int = 0
+    problems: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add_problem(self, reason: str, where: str) -> None:
+        self.problems[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(where)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.problems.values())
+
+    def summary(self) -> str:
+        if not self.problems:
+            return f"{self.loaded} images loaded, no problems"
+        parts = ", ".join(f"{count} {reason}" for reason, count in sorted(self.problems.items()))
+        return f"{self.loaded} images loaded; unusable (treated as no image): {parts}"
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
+    """Decode bytes into an RGB, EXIF-upright image no larger than `max_side`; raises ValueError if unusable."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"image file too large ({len(data)} bytes > {MAX_IMAGE_BYTES})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
+            image.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced scale when possible
+            image.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"not a usable image: {error}") from None
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"corrupt or truncated image: {error}") from None
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return image
+
+
+def load_image(root: Path, relative: str | None, report: ImageReport | None = None) -> Image.Image | None:
+    """Load `root/relative` safely, or return None (counted in `report`) when it cannot be used.
+
+    A path that escapes `root` is an error in the data, not a missing image: it raises.
+    """
+    if not relative:
+        return None
+    path = resolve_in_root(root, relative)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return _fail(report, "missing", str(relative))
+    except OSError as error:
+        return _fail(report, f"unreadable ({error.strerror})", str(relative))
+    try:
+        image = decode_image(data)
+    except ValueError as error:
+        reason = str(error).split(":")[0]
+        return _fail(report, reason, str(relative))
+    if report is not None:
+        report.loaded += 1
+    return image
+
+
+def _fail(report: ImageReport | None, reason: str, where: str) -> None:
+    if report is not None:
+        report.add_problem(reason, where)
+    return None
+
+
+__all__ = ["MAX_IMAGE_PIXELS", "ImageReport", "PathEscapeError", "decode_image", "load_image"]
