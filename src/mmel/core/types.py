@@ -128,3 +128,29 @@ class Dataset:
         except KeyError:
             raise KeyError(f"dataset {self.name!r} has no split {name!r}; available: "
                            f"{', '.join(sorted(self.splits)) or 'none'}") from None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One ranked entity for a mention: final score plus the model's per-unit scores."""
+
+    qid: str
+    name: str
+    score: float
+    rank: int
+    unit_scores: dict[str, float] = field(default_factory=dict)
+    retrieval_score: float | None = None
+
+
+@dataclass(frozen=True)
+class LinkResult:
+    """The answer for one mention: ranked candidates, and `nil` when the top score is under the threshold."""
+
+    mention: Mention
+    candidates: tuple[Candidate, ...]
+    nil: bool = False
+    nil_threshold: float | None = None
+
+    @property
+    def best(self) -> Candidate | None:
+        return None if self.nil or not self.candidates else self.candidates[0]
