@@ -1,7 +1,101 @@
-"""`mmel data ...`: prepare, validate and convert datasets."""
+"""`mmel data ...`: prepare, validate and convert datasets (a thin shell over `mmel.data`)."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from mmel.core.errors import MmelError
+from mmel.core.paths import atomic_write_json
+from mmel.data import convert_dataset, load_dataset, validate_dataset
+from mmel.data.raw_release import (
+    RICHPEDIAMEL_DEV_FRACTION,
+    RICHPEDIAMEL_SEED,
+    PreparationReport,
+    default_images_dir,
+    prepare_richpediamel,
+    prepare_wikimel,
+)
+
 app = typer.Typer(help="Prepare, validate and convert MEL datasets.", no_args_is_help=True)
+
+
+class RawRelease(str, Enum):
+    wikimel = "wikimel"
+    richpediamel = "richpediamel"
+
+
+class TargetFormat(str, Enum):
+    jsonl = "jsonl"
+    mimic = "mimic"
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Bad data or files end the command with a one-line message and exit code 1, not a traceback."""
+    try:
+        yield
+    except (MmelError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def prepare(
+    name: Annotated[RawRelease, typer.Argument(help="Which raw release to prepare.")],
+    raw: Annotated[Path, typer.Option("--raw", help="Raw data root holding wikimel/, richpediamel/ and images/.")],
+    out: Annotated[Path, typer.Option("--out", help="Output dataset directory (mmel JSONL format).")],
+    images: Annotated[Path | None, typer.Option("--images", help="Mention images folder (default: RAW/images/NAME "
+                                                                 "when it exists).")] = None,
+    dev_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="RichpediaMEL: share of train carved "
+                                                                        "out as dev.")] = RICHPEDIAMEL_DEV_FRACTION,
+    seed: Annotated[int, typer.Option(help="RichpediaMEL: seed of the dev split.")] = RICHPEDIAMEL_SEED,
+) -> None:
+    """Build an mmel dataset from a raw WikiMEL or RichpediaMEL release."""
+    images_dir = images if images is not None else default_images_dir(raw, name.value)
+    report = PreparationReport(name.value)
+    started = time.perf_counter()
+    with _one_line_errors():
+        if name is RawRelease.wikimel:
+            prepare_wikimel(raw, out, images_dir, report=report)
+        else:
+            prepare_richpediamel(raw, out, images_dir, dev_fraction=dev_fraction, seed=seed, report=report)
+    typer.echo(report.to_markdown())
+    typer.echo(f"Wrote {out} in {time.perf_counter() - started:.1f} s.")
+
+
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout) or a kb.jsonl file.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    decode_images: Annotated[bool, typer.Option("--decode-images/--no-decode-images",
+                                                help="Decode every image, or only check that files exist.")] = True,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 when the report lists errors.")] = False,
+) -> None:
+    """Print a Markdown report of a dataset's counts and problems."""
+    with _one_line_errors():
+        report = validate_dataset(load_dataset(path), decode_images=decode_images)
+        if json_out is not None:
+            atomic_write_json(json_out, report.to_dict())
+    typer.echo(report.to_markdown())
+    if strict and report.errors():
+        raise typer.Exit(1)
+
+
+@app.command()
+def convert(
+    path: Annotated[Path, typer.Argument(help="Dataset to convert (mmel JSONL or MIMIC layout).")],
+    to: Annotated[TargetFormat, typer.Option("--to", help="Target format.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    prefix: Annotated[str, typer.Option("--prefix", help="MIMIC layout: mention file prefix.")] = "WIKIMEL",
+) -> None:
+    """Convert a dataset between the MIMIC layout and mmel's JSONL format."""
+    with _one_line_errors():
+        convert_dataset(path, out, to.value, prefix=prefix)
+    typer.echo(f"Wrote {out} ({to.value}).")
