@@ -1,0 +1,135 @@
+"""`mmel evaluate`: rank one split of a dataset with a baseline or a trained model, full-KB protocol.
+
+Methods:
+- `bm25` / `bm25-text`: lexical baseline over entity names / names plus text (no features needed);
+- `dense`: zero-shot dual encoder, cosine of the backbone's global text vectors (feature store);
+- a checkpoint directory: a trained model (e.g. MIMIC), exhaustive over the whole KB, or
+  two-stage when `first_stage` is given (the first stage's top K reranked by the model).
+
+Every report carries protocol, KB size, split, mention count, model and backbone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmel.core.errors import MismatchError
+from mmel.core.types import Dataset
+from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, gold_rows_for, rank_full_kb
+from mmel.evaluation.report import EvalReport, build_report
+from mmel.features.store import DatasetFeatures
+from mmel.models import load_model
+from mmel.retrieval.bm25 import BM25Index, query_text
+from mmel.retrieval.dense import DenseScorer
+from mmel.retrieval.ranking import ModelScorer, rank_two_stage
+
+BASELINES = ("bm25", "bm25-text", "dense")
+FIRST_STAGES = ("dense", "bm25", "fusion")
+FUSION_BM25_WEIGHT = 0.5  # fusion = cosine + weight * BM25 / (the mention's best BM25 score)
+
+
+@dataclass
+class FirstStage:
+    """A cheap full-KB scorer and the entity chunk size it wants (BM25 scores the whole KB per call)."""
+
+    name: str
+    score_block: ScoreBlock
+    entity_chunk_size: int
+
+
+def build_first_stage(kind: str, dataset: Dataset, split: str, features: DatasetFeatures | None) -> FirstStage:
+    """The named first stage over `dataset`'s KB for the mentions of `split`."""
+    if kind not in FIRST_STAGES:
+        raise ValueError(f"unknown first stage {kind!r}; available: {', '.join(FIRST_STAGES)}")
+    if kind == "bm25":
+        return FirstStage("bm25", _bm25_block(dataset, split), len(dataset.kb))
+    dense = _dense_block(features, split)
+    if kind == "dense":
+        return FirstStage("dense", dense, 65_536)
+    bm25 = _bm25_block(dataset, split)
+
+    def fused(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
+        lexical = bm25(rows, start, stop)                                        # [b, n]
+        best = np.maximum(lexical.max(axis=1, keepdims=True), 1e-9)
+        return dense(rows, start, stop) + FUSION_BM25_WEIGHT * lexical / best
+
+    return FirstStage("fusion", fused, len(dataset.kb))
+
+
+def _bm25_block(dataset: Dataset, split: str, fields: str = "name") -> ScoreBlock:
+    index = BM25Index.build(dataset.kb, fields)  # type: ignore[arg-type]
+    return index.score_block([query_text(mention) for mention in dataset.split(split)])
+
+
+def _dense_block(features: DatasetFeatures | None, split: str) -> ScoreBlock:
+    if features is None:
+        raise ValueError("dense retrieval needs the feature store: pass --features (built by `mmel features build`)")
+    return DenseScorer(features.entities).rows_scorer(features.mentions[split])
+
+
+def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeatures | None = None,
+             first_stage: str | None = None, num_candidates: int = 100, mention_batch_size: int = 64,
+             progress: bool = True) -> EvalReport:
+    """Rank `split` against the whole KB with `method` (a baseline name or a checkpoint directory)."""
+    mentions = dataset.split(split)
+    gold = gold_rows_for(mentions, dataset.kb)
+    if features is not None:
+        features.check_dataset(dataset)
+    started = time.perf_counter()
+    if method in BASELINES:
+        result, model_name, backbone, extra = _rank_baseline(method, dataset, split, features, gold, progress)
+    else:
+        result, model_name, backbone, extra = _rank_model(Path(method), dataset, split, features, gold,
+                                                          first_stage, num_candidates, mention_batch_size,
+                                                          progress)
+    return build_report(result, protocol=FULL_KB, kb_size=len(dataset.kb), dataset=dataset.name, split=split,
+                        model=model_name, backbone=backbone, wall_time_s=time.perf_counter() - started, extra=extra)
+
+
+def _rank_baseline(method: str, dataset: Dataset, split: str, features: DatasetFeatures | None, gold: np.ndarray,
+                   progress: bool) -> tuple[RankingResult, str, str, dict]:
+    if method == "dense":
+        stage = build_first_stage("dense", dataset, split, features)
+        result = rank_full_kb(stage.score_block, gold, len(dataset.kb), entity_chunk_size=stage.entity_chunk_size,
+                              mention_batch_size=256, progress=progress)
+        return result, "dense-zero-shot", features.backbone_fingerprint, {"template": features.template.name}
+    fields = "name" if method == "bm25" else "name+text"
+    block = _bm25_block(dataset, split, fields)
+    result = rank_full_kb(block, gold, len(dataset.kb), entity_chunk_size=len(dataset.kb), mention_batch_size=256,
+                          progress=progress)
+    return result, f"bm25-{fields}", "none", {"query": "surface+sentence"}
+
+
+def _rank_model(checkpoint: Path, dataset: Dataset, split: str, features: DatasetFeatures | None, gold: np.ndarray,
+                first_stage: str | None, num_candidates: int, mention_batch_size: int,
+                progress: bool) -> tuple[RankingResult, str, str, dict]:
+    if features is None:
+        raise ValueError("a trained model reads features: pass --features (built by `mmel features build`)")
+    model = load_model(checkpoint)
+    _check_backbone(model, features, checkpoint)
+    scorer = ModelScorer(model, features.entities, features.mentions[split], progress=progress)
+    model_name = f"{model.config_class.model_type}:{checkpoint.name}"
+    if first_stage is None:
+        result = rank_full_kb(scorer.score_block, gold, len(dataset.kb), mention_batch_size=mention_batch_size,
+                              entity_chunk_size=4096, progress=progress)
+        return result, model_name, features.backbone_fingerprint, {"ranking": "exhaustive"}
+    stage = build_first_stage(first_stage, dataset, split, features)
+    result = rank_two_stage(stage.score_block, scorer.rerank, gold, len(dataset.kb), num_candidates=num_candidates,
+                            mention_batch_size=mention_batch_size, entity_chunk_size=stage.entity_chunk_size,
+                            progress=progress)
+    extra = {"ranking": f"two-stage: {stage.name} top {num_candidates}, reranked by the model"}
+    return result, f"{model_name}+{stage.name}@{num_candidates}", features.backbone_fingerprint, extra
+
+
+def _check_backbone(model, features: DatasetFeatures, checkpoint: Path) -> None:
+    expected = (getattr(model, "checkpoint_header", {}) or {}).get("backbone", {}).get("fingerprint")
+    if expected and expected != features.backbone_fingerprint:
+        raise MismatchError(f"{checkpoint} was trained on features of backbone {expected}, but the feature store "
+                            f"holds {features.backbone_fingerprint}; rebuild the features with that backbone")
+
+
+__all__ = ["BASELINES", "FIRST_STAGES", "FirstStage", "build_first_stage", "evaluate"]
