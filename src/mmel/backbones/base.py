@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -47,3 +51,24 @@ class Backbone(Protocol):
     def encode_blank_images(self, count: int) -> ImageFeatures:
         """Features of an all-zero (normalised) pixel tensor: the release's stand-in for a missing image."""
         ...
+
+
+def pixels_from_images(images: Sequence[Image.Image], size: int, mean: Sequence[float],
+                       std: Sequence[float]) -> torch.Tensor:
+    """MIMIC's image pipeline: resize to `size` x `size` (LANCZOS, aspect not kept), scale to [0, 1], normalise.
+
+    Returns [B, 3, size, size] float32. An empty list gives [0, 3, size, size].
+    """
+    arrays = [np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32)
+              for image in images]
+    stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.float32)  # [B, S, S, 3]
+    pixels = torch.from_numpy(stacked).permute(0, 3, 1, 2) / 255.0                          # [B, 3, S, S]
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((pixels - mean_t) / std_t).contiguous()
+
+
+def make_fingerprint(name: str, identity: dict[str, object]) -> str:
+    """`<name>-<16 hex>` from a JSON-able description of weights and preprocessing."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+    return f"{name}-{digest[:16]}"

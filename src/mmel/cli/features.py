@@ -1,7 +1,101 @@
-"""`mmel features ...`: build and inspect the feature store."""
+"""`mmel features ...`: build and inspect the feature store (a thin shell over `mmel.features`)."""
 
 from __future__ import annotations
 
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from mmel.backbones import load_backbone
+from mmel.cli.data import _one_line_errors
+from mmel.core.paths import atomic_write_json
+from mmel.data import load_dataset
+from mmel.features.templates import TEMPLATES
+
 app = typer.Typer(help="Encode datasets once into the feature store.", no_args_is_help=True)
+
+
+class BackboneName(str, Enum):
+    minilm_effnet = "minilm_effnet"
+    clip = "clip"
+
+
+class StorageDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+@app.command()
+def build(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout).")],
+    store: Annotated[Path, typer.Option("--store", help="Feature store directory (created if missing).")],
+    backbone: Annotated[BackboneName, typer.Option(help="Encoder pair.")] = BackboneName.minilm_effnet,
+    clip_path: Annotated[str | None, typer.Option(help="CLIP checkpoint directory or hub id (--backbone clip; "
+                                                       "default openai/clip-vit-base-patch32 from the HF cache).")
+                         ] = None,
+    template: Annotated[str, typer.Option(help=f"Text template: {', '.join(sorted(TEMPLATES))}.")] = "mimic",
+    entity_field: Annotated[str | None, typer.Option(help="Entity text field: attributes or description "
+                                                          "(default: the template's).")] = None,
+    max_length: Annotated[int, typer.Option(min=2, help="Max text tokens (the papers use 40).")] = 40,
+    dtype: Annotated[StorageDtype, typer.Option(help="Storage precision.")] = StorageDtype.float16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per encoder call.")] = 64,
+    image_batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder call (CPU: small is "
+                                                              "best).")] = 8,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads (default: torch's).")] = None,
+    splits: Annotated[str | None, typer.Option(help="Comma-separated splits to encode (default: all).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Texts per shard (images: 1/8 of it); the unit of "
+                                                        "resumption.")] = 2048,
+    device: Annotated[str, typer.Option(help="Torch device for the encoders.")] = "cpu",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the build report as JSON here.")
+                        ] = None,
+) -> None:
+    """Encode a dataset's KB and mentions into the store; a re-run encodes only what changed."""
+    from mmel.features.store import build_features
+
+    started = time.perf_counter()
+    with _one_line_errors():
+        dataset = load_dataset(dataset_dir)
+        options = {"path": clip_path} if backbone is BackboneName.clip and clip_path else {}
+        encoder = load_backbone(backbone.value, device=device, **options)
+        loaded = time.perf_counter()
+        features = build_features(
+            dataset, encoder, store, template=template, entity_field=entity_field, max_text_length=max_length,
+            dtype=dtype.value, batch_size=batch_size, image_batch_size=image_batch_size, num_threads=threads,
+            splits=splits.split(",") if splits else None, shard_size=shard_size)
+    report = features.report
+    typer.echo(f"view {report.view_id} of {report.dataset}: " +
+               ", ".join(f"{name} {rows}" for name, rows in report.rows.items()))
+    typer.echo(f"texts: {report.texts_encoded} encoded of {report.unique_texts} unique, "
+               f"{report.texts_per_second:.1f} texts/s")
+    typer.echo(f"images: {report.images_encoded} encoded of {report.unique_images} usable, "
+               f"{report.images_per_second:.1f} images/s; {report.image_report.summary()}")
+    typer.echo(f"wall time: {report.wall_seconds:.1f} s build + {loaded - started:.1f} s loading data and "
+               f"backbone; store size {report.store_bytes / 2**20:.1f} MiB at {store}")
+    if json_out is not None:
+        atomic_write_json(json_out, {**report.to_dict(), "load_seconds": round(loaded - started, 3),
+                                     "backbone": features.manifest["backbone"]})
+
+
+@app.command()
+def info(store: Annotated[Path, typer.Option("--store", help="Feature store directory.")],
+         as_json: Annotated[bool, typer.Option("--json", help="Print the full description as JSON.")] = False) -> None:
+    """Describe a feature store: its views per dataset and its cache namespaces."""
+    from mmel.features.store import describe_store
+
+    with _one_line_errors():
+        description = describe_store(store)
+    if as_json:
+        typer.echo(json.dumps(description, indent=2))
+        return
+    typer.echo(f"{description['store']}: {description['total_bytes'] / 2**20:.1f} MiB")
+    for view in description["views"]:
+        tables = ", ".join(f"{name} {t['rows']} ({t['with_image']} with image)" for name, t in view["tables"].items())
+        typer.echo(f"  view {view['dataset']}/{view['view_id']} [{view['dtype']}, L={view['max_text_length']}, "
+                   f"template {view['template']}, built {view['created']}]: {tables}")
+    for cache in description["caches"]:
+        entries = ", ".join(f"{name} {count}" for name, count in cache["entries"].items())
+        typer.echo(f"  cache {cache['namespace']}: {entries}; {cache['bytes'] / 2**20:.1f} MiB")

@@ -24,6 +24,10 @@ MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_IMAGE_SIDE = 1024            # larger images are downscaled on load (encoders use 224 px)
 
 
+class ImageTooLargeError(ValueError):
+    """An image over a size limit (bytes, pixels, or a decompression bomb): the input is too big, not broken."""
+
+
 @dataclass
 class ImageReport:
     """Counts of images that could not be used, by reason, with a few example paths each."""
@@ -52,17 +56,19 @@ class ImageReport:
 def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
     """Decode bytes into an RGB, EXIF-upright image no larger than `max_side`; raises ValueError if unusable."""
     if len(data) > MAX_IMAGE_BYTES:
-        raise ValueError(f"image file too large ({len(data)} bytes > {MAX_IMAGE_BYTES})")
+        raise ImageTooLargeError(f"image file too large ({len(data)} bytes > {MAX_IMAGE_BYTES})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ValueError(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
+                raise ImageTooLargeError(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
             image.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced scale when possible
             image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLargeError(f"image too large (decompression bomb check): {error}") from None
+    except UnidentifiedImageError as error:
         raise ValueError(f"not a usable image: {error}") from None
     except (OSError, SyntaxError) as error:
         raise ValueError(f"corrupt or truncated image: {error}") from None
@@ -77,20 +83,36 @@ def load_image(root: Path, relative: str | None, report: ImageReport | None = No
 
     A path that escapes `root` is an error in the data, not a missing image: it raises.
     """
+    data = read_image_bytes(root, relative, report)
+    return None if data is None else decode_image_bytes(data, str(relative), report)
+
+
+def read_image_bytes(root: Path, relative: str | None, report: ImageReport | None = None) -> bytes | None:
+    """The raw bytes of `root/relative` (root-confined, size-capped), or None counted in `report`.
+
+    Callers that key caches on image content hash these bytes before deciding to decode them.
+    """
     if not relative:
         return None
     path = resolve_in_root(root, relative)
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            return _fail(report, "image file too large", str(relative))
+        return path.read_bytes()
     except FileNotFoundError:
         return _fail(report, "missing", str(relative))
     except OSError as error:
         return _fail(report, f"unreadable ({error.strerror})", str(relative))
+
+
+def decode_image_bytes(data: bytes, where: str, report: ImageReport | None = None) -> Image.Image | None:
+    """`decode_image`, with an unusable image counted in `report` under `where` and returned as None."""
     try:
         image = decode_image(data)
     except ValueError as error:
         reason = str(error).split(":")[0]
-        return _fail(report, reason, str(relative))
+        return _fail(report, reason, where)
     if report is not None:
         report.loaded += 1
     return image
@@ -102,4 +124,5 @@ def _fail(report: ImageReport | None, reason: str, where: str) -> None:
     return None
 
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageReport", "PathEscapeError", "decode_image", "load_image"]
+__all__ = ["MAX_IMAGE_PIXELS", "ImageReport", "ImageTooLargeError", "PathEscapeError", "decode_image",
+           "decode_image_bytes", "load_image", "read_image_bytes"]

@@ -42,8 +42,13 @@ class MelModel(nn.Module):
         """Score encoded mentions [B] against encoded entities [N] -> MatchOutput with [B, N] scores."""
         raise NotImplementedError
 
-    def forward(self, mentions: FeatureBatch, entities: FeatureBatch,
-                labels: torch.Tensor | None = None) -> MatchOutput:
+    def forward(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor | None = None,
+                entity_ids: torch.Tensor | None = None) -> MatchOutput:
+        """Scores, plus the training loss when `labels` [B] (gold column per row) are given.
+
+        `entity_ids` [N] names the entity of each column (e.g. its KB row), so a model can tell
+        a duplicate of a row's gold entity from a true negative.
+        """
         raise NotImplementedError
 
     # --- persistence ------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""`mmel index ...`: build a link index, change its entities in place, describe it, calibrate NIL.
+
+The library (torch, FAISS, transformers) is imported inside the commands, so `mmel --help` and
+the other command groups start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmel.core.errors import MmelError
+from mmel.core.paths import atomic_write_text
+
+app = typer.Typer(help="Build link indexes and add, update or remove their entities.", no_args_is_help=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input ends the command with a one-line message and exit code 1, not a traceback."""
+    try:
+        yield
+    except (MmelError, OSError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def build(
+    kb: Annotated[Path, typer.Option("--kb", help="Dataset directory (or kb.jsonl) whose knowledge base to index.")],
+    model: Annotated[Path, typer.Option("--model", help="Trained model checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Index directory to write (replaced atomically if present).")],
+    features: Annotated[Path | None, typer.Option("--features", help="Feature store to take entity features from "
+                                                                     "(default: encode on the fly).")] = None,
+    first_stage: Annotated[str, typer.Option(help="Candidate retrieval: dense, bm25 or hybrid.")] = "hybrid",
+    kind: Annotated[str, typer.Option("--kind", help="FAISS index: auto (exact up to --exact-max-entities, HNSW "
+                                                     "above), flat, hnsw or ivf.")] = "auto",
+    exact_max_entities: Annotated[int, typer.Option(min=1, help="Largest KB indexed exactly by --kind auto.")
+                                  ] = 200_000,
+    reranker: Annotated[str, typer.Option(help="Rerank candidates with the 'model', or 'none'.")] = "model",
+    cache_dtype: Annotated[str, typer.Option(help="Reranker cache storage: auto, float32 or float16.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Build an index: entity vectors (FAISS), BM25, entity metadata (SQLite) and the reranker's entity cache."""
+    from mmel.data import load_dataset
+    from mmel.retrieval.index_build import IndexBuildConfig, build_index
+
+    with user_errors():
+        config = IndexBuildConfig(first_stage=first_stage, vector_index=kind, reranker=reranker,
+                                  exact_max_entities=exact_max_entities, cache_dtype=cache_dtype)
+        report = build_index(load_dataset(kb), model, out, config=config, features_store=features,
+                             progress=not quiet)
+    typer.echo(report.summary())
+
+
+@app.command()
+def add(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory.")],
+    kb: Annotated[Path, typer.Option("--kb", help="kb.jsonl with the entities to add (same QID = update).")],
+    images_root: Annotated[Path | None, typer.Option(help="Directory the entities' image paths are relative to "
+                                                          "(default: the file's directory).")] = None,
+) -> None:
+    """Add or update entities in place; they are linkable at once, no rebuild."""
+    from mmel.data.jsonl_format import read_kb_jsonl
+    from mmel.retrieval.linker import Linker
+
+    with user_errors():
+        root = images_root if images_root is not None else kb.parent
+        entities = list(read_kb_jsonl(kb, root))
+        with Linker.load(index_dir) as linker:
+            report = linker.add_entities(entities, root, progress=True)
+    typer.echo(report.summary())
+
+
+@app.command()
+def remove(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory.")],
+    qids: Annotated[list[str], typer.Argument(help="QIDs to remove.")],
+) -> None:
+    """Remove entities in place; unknown QIDs fail the command and nothing is removed."""
+    from mmel.retrieval.linker import Linker
+
+    with user_errors(), Linker.load(index_dir) as linker:
+        report = linker.remove_entities(qids)
+    typer.echo(report.summary())
+
+
+@app.command()
+def info(index_dir: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
+    """Describe an index (model, backbone, KB checksum, counts, changes) as JSON."""
+    from mmel.retrieval.index_build import describe_index
+
+    with user_errors():
+        typer.echo(json.dumps(describe_index(index_dir), indent=2, ensure_ascii=False))
+
+
+@app.command(name="calibrate-nil")
+def calibrate_nil(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory (nil.json is written into it).")],
+    dataset: Annotated[Path, typer.Option("--dataset", help="Dataset directory with the dev split.")],
+    split: Annotated[str, typer.Option(help="Split to fit the threshold on.")] = "dev",
+    nil_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="Share of dev mentions that play NIL "
+                                                                        "(their gold entity hidden).")] = 0.1,
+    criterion: Annotated[str, typer.Option(help="What the threshold maximises: accuracy, or precision "
+                                                "(with --target-precision).")] = "accuracy",
+    target_precision: Annotated[float | None, typer.Option(help="With --criterion precision: the link precision "
+                                                                "to reach.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated NIL mentions.")] = 0,
+    report: Annotated[Path | None, typer.Option(help="Also write the trade-off table (Markdown) here.")] = None,
+) -> None:
+    """Fit the NIL threshold on a dev split and print its precision/recall trade-off."""
+    from mmel.data import load_dataset
+    from mmel.retrieval.linker import Linker
+
+    with user_errors():
+        data = load_dataset(dataset)
+        with Linker.load(index_dir) as linker:
+            calibration = linker.calibrate_nil(data.split(split), data.root, nil_fraction=nil_fraction,
+                                               criterion=criterion, target_precision=target_precision,
+                                               seed=seed)
+            linker.set_nil_calibration(calibration)
+        table = calibration.to_markdown()
+        if report is not None:
+            atomic_write_text(report, table)
+    typer.echo(table)

@@ -1,0 +1,44 @@
+"""`mmel serve`: the REST API and the web page over one index, with uvicorn (imported when the command runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmel.cli.index import user_errors
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory (from `mmel index build`).")],
+    host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    token: Annotated[str | None, typer.Option(envvar="MMEL_SERVER_TOKEN", help="Require this bearer token on "
+                                              "/link and /entities (prefer the environment variable).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most mentions per /link/batch call.")] = 64,
+    max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 12.0,
+    max_image_mb: Annotated[float, typer.Option(min=0.01, help="Largest uploaded image, in MiB.")] = 8.0,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before a request answers 504.")] = 30.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: torch's choice); 1-2 "
+                                                            "avoids oversubscription under concurrent load.")] = None,
+) -> None:
+    """Serve POST /link, POST /link/batch, GET /entities/{qid}, GET /health, the docs at /docs and the page at /."""
+    import torch
+    import uvicorn
+
+    from mmel.server.app import create_app
+    from mmel.server.settings import ServerSettings
+
+    with user_errors():
+        settings = ServerSettings(index_dir=index_dir, host=host, port=port, token=token, max_batch=max_batch,
+                                  max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
+                                  request_timeout_s=timeout)
+        if host not in LOCAL_HOSTS and token is None:
+            typer.echo(f"warning: serving on {host} without a token: anyone who can reach it can use it", err=True)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,35 @@
+"""`mmel train`: train a model from a recipe (a thin shell over `mmel.training.run.train`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmel.core.errors import MmelError
+
+
+def train(
+    recipe: Annotated[str, typer.Option("--recipe", help="Packaged recipe name (e.g. mimic-wikimel-cpu, "
+                                                         "mimic-paper) or a recipe .yaml file.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset directory (mmel JSONL or MIMIC layout).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory: logs, resume state, best/ checkpoint.")],
+    features: Annotated[Path | None, typer.Option("--features", help="Feature store directory (frozen-backbone "
+                                                                     "recipes).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe key, e.g. --set trainer.max_epochs=3 (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last epoch.")] = False,
+) -> None:
+    """Train a model (MIMIC) from a recipe; the best checkpoint by dev MRR is exported to OUT/best."""
+    # imported here, not at module level: Lightning takes seconds to import and other commands need none of it
+    from mmel.training.recipe import load_recipe
+    from mmel.training.run import train as run_training
+
+    try:
+        loaded = load_recipe(recipe, overrides or [])
+        result = run_training(loaded, data_dir=data, out_dir=out, features_dir=features, resume=resume)
+    except (MmelError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(result.summary())

@@ -1,0 +1,660 @@
+"""The feature store: encode a dataset's KB and mentions once, then read features memory-mapped.
+
+Entries are content-addressed, so nothing is encoded twice and a change re-encodes exactly what
+changed. A text entry is keyed by its rendered string inside a namespace for (backbone
+fingerprint, storage dtype, max text length); an image entry by the bytes of its file inside a
+namespace for (backbone fingerprint, storage dtype). Changing the template re-encodes only the
+strings whose rendering changed; changing a picture re-encodes only that picture.
+
+    <store>/cache/<fingerprint>/<dtype>/
+        backbone.json                     name, fingerprint and widths of the backbone
+        text-L<max_length>/shard-<hash>/  keys [n] | global [n, Dt] | tokens [n, L, Dt] | mask [n, L]
+        image/shard-<hash>/               keys [n] | global [n, Dg] | patches [n, P, Dp]
+        image-blank/                      global [1, Dg] | patches [1, P, Dp]  (the "no image" features)
+    <store>/views/<dataset>/<view id>/
+        manifest.json                     backbone, template, max length, dtype, tables, checksums
+        <table>.text_refs.npy             [N, 2] (shard, row) of each item's text entry
+        <table>.image_refs.npy            [N, 2] (shard, row), or (-1, -1) for an item with no image
+        <table>.text_global.npy           [N, Dt] text vectors in item order, for dense retrieval
+
+Shards are written atomically (a temporary directory renamed into place), so an interrupted
+build leaves only whole shards and a re-run skips their keys. All arrays are `.npy` files opened
+with `mmap_mode="r"`: a store for a million entities need not fit in RAM. Items without an image
+are stored as references to the single blank-image entry, never as copies of it. Tables are
+`entities` (KB row order) and `mentions-<split>` (file order); entities use their first image
+(models.md §1.1: the image used for KB encoding and evaluation).
+
+One writer per store at a time; readers may open views while a build runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmel.backbones.base import Backbone, ImageFeatures, TextFeatures
+from mmel.core.errors import DataError, MismatchError
+from mmel.core.features import FeatureBatch
+from mmel.core.images import ImageReport, decode_image_bytes, read_image_bytes
+from mmel.core.paths import atomic_directory, atomic_write_json, read_json
+from mmel.core.types import Dataset
+from mmel.features.templates import TextTemplate, get_template
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+TEXT_FIELDS = ("global", "tokens", "mask")
+IMAGE_FIELDS = ("global", "patches")
+ENTITY_TABLE = "entities"
+MANIFEST_FILE = "manifest.json"
+IMAGES_PER_TEXT_SHARD = 8   # image entries are ~30x larger than text entries: shards hold 1/8 as many
+IMAGE_BATCH_SIZE = 8        # CNNs on CPU gain nothing from bigger batches (activations leave the cache)
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def content_key(data: bytes) -> str:
+    """32 hex characters identifying `data` (BLAKE2b-128)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+# --- content-addressed shards ----------------------------------------------------------------
+
+class ShardCache:
+    """A directory of immutable shards of equal-length arrays, with a key -> (shard, row) index."""
+
+    def __init__(self, directory: Path, fields: tuple[str, ...]):
+        self.directory = Path(directory)
+        self.fields = fields
+        self._arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the keys of every finished shard (temporary directories start with '.' and are skipped)."""
+        names = sorted(p.name for p in self.directory.glob("shard-*")) if self.directory.is_dir() else []
+        keys = [np.load(self.directory / name / "keys.npy") for name in names]
+        self.shard_names = names
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype="S32")
+        shard_ids = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(keys)]) if keys \
+            else np.zeros(0, dtype=np.int32)
+        rows = np.concatenate([np.arange(len(k), dtype=np.int32) for k in keys]) if keys \
+            else np.zeros(0, dtype=np.int32)
+        order = np.argsort(all_keys, kind="stable")
+        self._sorted_keys = all_keys[order]
+        self._sorted_refs = np.stack([shard_ids[order], rows[order]], axis=1)  # [K, 2]
+
+    def __len__(self) -> int:
+        return len(self._sorted_keys)
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """[len(keys), 2] (shard index into `shard_names`, row); (-1, -1) where a key is absent."""
+        query = np.asarray(keys, dtype="S32")
+        refs = np.full((len(query), 2), -1, dtype=np.int32)
+        if len(self._sorted_keys) == 0 or len(query) == 0:
+            return refs
+        position = np.searchsorted(self._sorted_keys, query).clip(max=len(self._sorted_keys) - 1)
+        found = self._sorted_keys[position] == query
+        refs[found] = self._sorted_refs[position[found]]
+        return refs
+
+    def write_shard(self, keys: list[str], arrays: dict[str, np.ndarray]) -> str:
+        """Write one shard atomically; its name is derived from its keys, so a rewrite is idempotent."""
+        name = "shard-" + content_key("\n".join(keys).encode("ascii"))[:16]
+        target = self.directory / name
+        if not target.exists():
+            with atomic_directory(target) as tmp:
+                np.save(tmp / "keys.npy", np.asarray(keys, dtype="S32"))
+                for field_name in self.fields:
+                    np.save(tmp / f"{field_name}.npy", arrays[field_name])
+        return name
+
+    def arrays(self, shard_name: str) -> dict[str, np.ndarray]:
+        """The shard's arrays, memory-mapped read-only (opened once)."""
+        if shard_name not in self._arrays:
+            shard_dir = self.directory / shard_name
+            if not shard_dir.is_dir():
+                raise MismatchError(f"{shard_dir}: shard is missing from the feature store; rebuild the features")
+            self._arrays[shard_name] = {f: np.load(shard_dir / f"{f}.npy", mmap_mode="r") for f in self.fields}
+        return self._arrays[shard_name]
+
+    def gather(self, shard_names: Sequence[str], refs: np.ndarray, field_name: str, out: np.ndarray) -> None:
+        """Fill out[i] with `field_name` at refs[i] = (index into shard_names, row); rows with shard -1 untouched."""
+        for shard_index in np.unique(refs[:, 0]):
+            if shard_index < 0:
+                continue
+            selected = np.nonzero(refs[:, 0] == shard_index)[0]
+            source = self.arrays(shard_names[shard_index])[field_name]
+            rows = refs[selected, 1]
+            order = np.argsort(rows, kind="stable")   # ascending reads are kinder to the page cache
+            out[selected[order]] = source[rows[order]]
+
+
+# --- encoding (shared by the store and the on-the-fly path) ------------------------------------
+
+def encode_text_batches(backbone: Backbone, texts: Sequence[str], max_text_length: int,
+                        batch_size: int) -> Iterator[TextFeatures]:
+    """Encode `texts` in order, `batch_size` at a time (grad mode is the caller's choice)."""
+    for start in range(0, len(texts), batch_size):
+        yield backbone.encode_texts(list(texts[start:start + batch_size]), max_text_length)
+
+
+def encode_image_batches(backbone: Backbone, images: Sequence[Image.Image], batch_size: int) -> Iterator[ImageFeatures]:
+    for start in range(0, len(images), batch_size):
+        yield backbone.encode_images(list(images[start:start + batch_size]))
+
+
+def encode_items(backbone: Backbone, texts: Sequence[str], images: Sequence[Image.Image | None], *,
+                 max_text_length: int = 40, batch_size: int = 64,
+                 image_batch_size: int = IMAGE_BATCH_SIZE) -> FeatureBatch:
+    """Encode items on the fly (fine-tuning path): the same calls the store makes, without the cache.
+
+    `images[i] is None` means no image: that row gets the blank-image features and has_image False.
+    """
+    if len(texts) != len(images):
+        raise ValueError(f"encode_items needs one image (or None) per text: {len(texts)} texts, {len(images)} images")
+    if not texts:
+        raise ValueError("encode_items needs at least one item")
+    text_parts = list(encode_text_batches(backbone, texts, max_text_length, batch_size))
+    has_image = torch.tensor([image is not None for image in images], dtype=torch.bool)   # [B]
+    blank = backbone.encode_blank_images(1)
+    image_global = blank.global_.expand(len(texts), -1).clone()                         # [B, Dg]
+    image_patches = blank.patches.expand(len(texts), -1, -1).clone()                    # [B, P, Dp]
+    present = [image for image in images if image is not None]
+    if present:
+        parts = list(encode_image_batches(backbone, present, image_batch_size))
+        rows = has_image.nonzero().squeeze(1).to(image_global.device)
+        image_global[rows] = torch.cat([p.global_ for p in parts])
+        image_patches[rows] = torch.cat([p.patches for p in parts])
+    return FeatureBatch(text_global=torch.cat([p.global_ for p in text_parts]),
+                        text_tokens=torch.cat([p.tokens for p in text_parts]),
+                        text_mask=torch.cat([p.mask for p in text_parts]),
+                        image_global=image_global, image_patches=image_patches,
+                        has_image=has_image.to(image_global.device))
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+class StoredFeatureTable:
+    """A FeatureTable over one view table: references into memory-mapped shards."""
+
+    def __init__(self, name: str, view_dir: Path, text_cache: ShardCache, image_cache: ShardCache,
+                 text_shards: list[str], image_shards: list[str], blank: dict[str, np.ndarray]):
+        self.name = name
+        self.text_refs = np.load(view_dir / f"{name}.text_refs.npy", mmap_mode="r")    # [N, 2]
+        self.image_refs = np.load(view_dir / f"{name}.image_refs.npy", mmap_mode="r")  # [N, 2]
+        self._text_global = np.load(view_dir / f"{name}.text_global.npy", mmap_mode="r")  # [N, Dt]
+        self._text_cache = text_cache
+        self._image_cache = image_cache
+        self._text_shards = text_shards
+        self._image_shards = image_shards
+        self._blank = blank
+
+    def __len__(self) -> int:
+        return len(self.text_refs)
+
+    @property
+    def has_image(self) -> np.ndarray:
+        """[N] bool: which items have a real image."""
+        return np.asarray(self.image_refs[:, 0] >= 0)
+
+    def text_global_matrix(self) -> np.ndarray:
+        """[N, Dt] global text vectors in item order, memory-mapped in the storage dtype."""
+        return self._text_global
+
+    def gather(self, rows: Sequence[int] | np.ndarray) -> FeatureBatch:
+        """Float32 CPU features of the items at `rows`."""
+        index = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(index) and (index.min() < -len(self) or index.max() >= len(self)):
+            raise IndexError(f"rows out of range for table {self.name!r} of {len(self)} items "
+                             f"(got min {index.min()}, max {index.max()})")
+        text_refs = np.asarray(self.text_refs[index])
+        image_refs = np.asarray(self.image_refs[index])
+        count = len(index)
+        first_shard = self._text_cache.arrays(self._text_shards[0])
+        tokens = np.empty((count, *first_shard["tokens"].shape[1:]), dtype=np.float32)    # [B, L, Dt]
+        mask = np.empty((count, *first_shard["mask"].shape[1:]), dtype=bool)              # [B, L]
+        self._text_cache.gather(self._text_shards, text_refs, "tokens", tokens)
+        self._text_cache.gather(self._text_shards, text_refs, "mask", mask)
+        image_global = np.repeat(self._blank["global"].astype(np.float32), count, axis=0)    # [B, Dg]
+        image_patches = np.repeat(self._blank["patches"].astype(np.float32), count, axis=0)  # [B, P, Dp]
+        self._image_cache.gather(self._image_shards, image_refs, "global", image_global)
+        self._image_cache.gather(self._image_shards, image_refs, "patches", image_patches)
+        return FeatureBatch(
+            text_global=torch.from_numpy(np.asarray(self._text_global[index], dtype=np.float32)),
+            text_tokens=torch.from_numpy(tokens), text_mask=torch.from_numpy(mask),
+            image_global=torch.from_numpy(image_global), image_patches=torch.from_numpy(image_patches),
+            has_image=torch.from_numpy(image_refs[:, 0] >= 0))
+
+
+@dataclass
+class BuildReport:
+    """What one `build_features` call did and how fast."""
+
+    dataset: str
+    view_id: str
+    rows: dict[str, int]
+    unique_texts: int
+    texts_encoded: int
+    unique_images: int
+    images_encoded: int
+    image_report: ImageReport
+    text_seconds: float = 0.0
+    image_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    store_bytes: int = 0
+
+    @property
+    def texts_per_second(self) -> float:
+        return self.texts_encoded / self.text_seconds if self.text_seconds > 0 else 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_encoded / self.image_seconds if self.image_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "view_id": self.view_id, "rows": self.rows,
+                "unique_texts": self.unique_texts, "texts_encoded": self.texts_encoded,
+                "unique_images": self.unique_images, "images_encoded": self.images_encoded,
+                "image_problems": dict(self.image_report.problems), "text_seconds": round(self.text_seconds, 3),
+                "image_seconds": round(self.image_seconds, 3), "wall_seconds": round(self.wall_seconds, 3),
+                "texts_per_second": round(self.texts_per_second, 1),
+                "images_per_second": round(self.images_per_second, 1), "store_bytes": self.store_bytes}
+
+    def summary(self) -> str:
+        return (f"{self.dataset}: {sum(self.rows.values())} items in {len(self.rows)} tables; "
+                f"texts {self.texts_encoded} encoded / {self.unique_texts} unique "
+                f"({self.texts_per_second:.1f} texts/s); images {self.images_encoded} encoded / "
+                f"{self.unique_images} usable ({self.images_per_second:.1f} images/s); {self.image_report.summary()}; "
+                f"wall {self.wall_seconds:.1f} s; store {self.store_bytes / 2**20:.1f} MiB")
+
+
+@dataclass
+class DatasetFeatures:
+    """The features of one dataset under one (backbone, template, max length, dtype) view."""
+
+    view_dir: Path
+    manifest: dict[str, Any]
+    entities: StoredFeatureTable
+    mentions: dict[str, StoredFeatureTable]
+    report: BuildReport | None = field(default=None, compare=False)
+
+    @property
+    def view_id(self) -> str:
+        return self.view_dir.name
+
+    @property
+    def backbone_fingerprint(self) -> str:
+        return self.manifest["backbone"]["fingerprint"]
+
+    @property
+    def max_text_length(self) -> int:
+        return self.manifest["max_text_length"]
+
+    @property
+    def template(self) -> TextTemplate:
+        spec = self.manifest["template"]
+        return TextTemplate(spec["name"], spec["mention_format"], spec["entity_format"], spec["entity_field"])
+
+    def check_dataset(self, dataset: Dataset) -> None:
+        """Raise MismatchError unless `dataset` has the items (texts, image paths, order) these features describe."""
+        expected = self.manifest["tables"]
+        for table, items in _dataset_tables(dataset, self.template, list(self.mentions)).items():
+            if _table_checksum(items) != expected[table]["checksum"]:
+                raise MismatchError(f"{self.view_dir}: table {table!r} was built from different items than dataset "
+                                    f"{dataset.name!r} has now; rebuild with `mmel features build`")
+
+
+# --- building -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Item:
+    text: str
+    image: str | None   # path relative to the dataset root
+
+
+ShardCallback = Callable[[str, int], None]
+
+
+def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, template: str = "mimic",
+                   entity_field: str | None = None, max_text_length: int = 40, dtype: str = "float16",
+                   batch_size: int = 64, image_batch_size: int = IMAGE_BATCH_SIZE, num_threads: int | None = None,
+                   splits: Sequence[str] | None = None, shard_size: int = 2048, progress: bool = True,
+                   on_shard: ShardCallback | None = None) -> DatasetFeatures:
+    """Encode what the store lacks for `dataset`, write its view, and open it.
+
+    `on_shard(kind, entries)` is called after each shard ("text" or "image") is safely on disk.
+    """
+    started = time.perf_counter()
+    _check_build_options(dataset.name, dtype, batch_size, image_batch_size, shard_size, max_text_length)
+    text_template = get_template(template, entity_field)
+    split_names = list(dataset.splits) if splits is None else list(splits)
+    if len(dataset.kb) == 0:
+        raise DataError(f"dataset {dataset.name!r} has an empty knowledge base: nothing to encode", path=dataset.root)
+    tables = _dataset_tables(dataset, text_template, split_names)
+    namespace = Path(store_dir) / "cache" / backbone.fingerprint / dtype
+    _write_backbone_info(namespace, backbone)
+    storage = STORAGE_DTYPES[dtype]
+    image_report = ImageReport()
+    with _torch_threads(num_threads), torch.inference_mode():
+        text_cache, text_keys, text_stats = _fill_text_cache(
+            namespace / f"text-L{max_text_length}", tables, backbone, max_text_length, storage, batch_size,
+            shard_size, progress, on_shard)
+        image_cache, image_keys, image_stats = _fill_image_cache(
+            namespace, tables, dataset.root, backbone, storage, image_batch_size,
+            max(1, shard_size // IMAGES_PER_TEXT_SHARD), image_report, progress, on_shard)
+        blank = _blank_image_entry(namespace, backbone, storage)
+    view_id = f"{backbone.fingerprint}-{text_template.key}-L{max_text_length}-{dtype}"
+    view_dir = Path(store_dir) / "views" / dataset.name / view_id
+    manifest = {
+        "format_version": FORMAT_VERSION, "dataset": dataset.name, "view_id": view_id,
+        "backbone": _backbone_info(backbone), "template": text_template.to_dict(),
+        "max_text_length": max_text_length, "dtype": dtype,
+        "cache": str(namespace.relative_to(Path(store_dir))),
+        "text_shards": text_cache.shard_names, "image_shards": image_cache.shard_names,
+        "image_problems": dict(image_report.problems), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tables": {name: {"rows": len(items), "checksum": _table_checksum(items),
+                          "with_image": sum(image_keys.get(item.image) is not None for item in items)}
+                   for name, items in tables.items()},
+    }
+    _write_view(view_dir, manifest, tables, text_cache, text_keys, image_cache, image_keys)
+    features = _open_view(Path(store_dir), view_dir, text_cache=text_cache, image_cache=image_cache, blank=blank)
+    features.report = BuildReport(
+        dataset=dataset.name, view_id=view_id, rows={name: len(items) for name, items in tables.items()},
+        unique_texts=text_stats[0], texts_encoded=text_stats[1], unique_images=image_stats[0],
+        images_encoded=image_stats[1], image_report=image_report, text_seconds=text_stats[2],
+        image_seconds=image_stats[2], wall_seconds=time.perf_counter() - started,
+        store_bytes=directory_bytes(Path(store_dir)))
+    logger.info("%s", features.report.summary())
+    return features
+
+
+def _check_build_options(dataset_name: str, dtype: str, batch_size: int, image_batch_size: int, shard_size: int,
+                         max_text_length: int) -> None:
+    if not _SAFE_NAME.match(dataset_name):
+        raise ValueError(f"dataset name {dataset_name!r} cannot name a store directory; use letters, digits, . _ + -")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown storage dtype {dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
+    for name, value in (("batch_size", batch_size), ("image_batch_size", image_batch_size),
+                        ("shard_size", shard_size), ("max_text_length", max_text_length)):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _dataset_tables(dataset: Dataset, template: TextTemplate, splits: Sequence[str]) -> dict[str, list[_Item]]:
+    tables = {ENTITY_TABLE: [_Item(template.entity_text(e), e.images[0] if e.images else None) for e in dataset.kb]}
+    for split in splits:
+        tables[f"mentions-{split}"] = [_Item(template.mention_text(m), m.image) for m in dataset.split(split)]
+    return tables
+
+
+def _table_checksum(items: Sequence[_Item]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.text.encode("utf-8") + b"\x00" + (item.image or "").encode("utf-8") + b"\x01")
+    return digest.hexdigest()
+
+
+def _fill_text_cache(directory: Path, tables: dict[str, list[_Item]], backbone: Backbone, max_text_length: int,
+                     storage: type, batch_size: int, shard_size: int, progress: bool,
+                     on_shard: ShardCallback | None) -> tuple[ShardCache, dict[str, str], tuple[int, int, float]]:
+    """Encode every distinct text the cache lacks; return the cache, text -> key, (unique, encoded, seconds)."""
+    keys = {item.text: "" for items in tables.values() for item in items}
+    for text in keys:
+        keys[text] = content_key(text.encode("utf-8"))
+    cache = ShardCache(directory, TEXT_FIELDS)
+    texts = list(keys)
+    refs = cache.lookup([keys[text] for text in texts])
+    missing = [text for text, ref in zip(texts, refs, strict=True) if ref[0] < 0]
+    started = time.perf_counter()
+    with tqdm(total=len(missing), desc="texts", unit="text", disable=not progress) as bar:
+        for start in range(0, len(missing), shard_size):
+            chunk = missing[start:start + shard_size]
+            batches = (_text_arrays(features, storage, bar)
+                       for features in encode_text_batches(backbone, chunk, max_text_length, batch_size))
+            _write_encoded_shard(cache, [keys[text] for text in chunk], batches, "text", on_shard)
+    seconds = time.perf_counter() - started
+    cache.refresh()
+    return cache, keys, (len(texts), len(missing), seconds)
+
+
+def _fill_image_cache(namespace: Path, tables: dict[str, list[_Item]], root: Path, backbone: Backbone,
+                      storage: type, batch_size: int, shard_size: int, report: ImageReport, progress: bool,
+                      on_shard: ShardCallback | None) -> tuple[ShardCache, dict[str | None, str | None],
+                                                                tuple[int, int, float]]:
+    """Encode every distinct usable image the cache lacks.
+
+    Returns the cache, path -> content key (None: no usable image), and (usable, encoded, seconds).
+    Files are hashed first (cheap) and decoded only when their content is not cached yet.
+    """
+    cache = ShardCache(namespace / "image", IMAGE_FIELDS)
+    path_keys = _hash_image_files(tables, root, report, progress)
+    first_path: dict[str, str] = {}
+    for path, key in path_keys.items():
+        if key is not None:
+            first_path.setdefault(key, path)
+    refs = cache.lookup(list(first_path))
+    missing = [path for path, ref in zip(first_path.values(), refs, strict=True) if ref[0] < 0]
+    report.loaded += len(first_path) - len(missing)
+    started = time.perf_counter()
+    undecodable: set[str] = set()
+    chunks = [missing[start:start + shard_size] for start in range(0, len(missing), shard_size)]
+    with ThreadPoolExecutor(max_workers=1) as decoder, \
+            tqdm(total=len(missing), desc="images", unit="image", disable=not progress or not missing) as bar:
+        for chunk, images in _prefetched(chunks, lambda paths: _decode_images(root, paths, report), decoder):
+            decoded = {path: image for path, image in zip(chunk, images, strict=True) if image is not None}
+            undecodable.update(set(chunk) - set(decoded))
+            bar.update(len(chunk))
+            if decoded:
+                batches = (_image_arrays(features, storage)
+                           for features in encode_image_batches(backbone, list(decoded.values()), batch_size))
+                _write_encoded_shard(cache, [path_keys[path] for path in decoded], batches, "image", on_shard)
+    seconds = time.perf_counter() - started
+    cache.refresh()
+    bad_keys = {path_keys[path] for path in undecodable}
+    usable = {path: (None if key in bad_keys else key) for path, key in path_keys.items()}
+    return cache, {None: None, **usable}, (len(first_path) - len(bad_keys), len(missing) - len(undecodable), seconds)
+
+
+def _hash_image_files(tables: dict[str, list[_Item]], root: Path, report: ImageReport,
+                      progress: bool) -> dict[str, str | None]:
+    """Distinct image path -> content key of its bytes, or None (missing/unreadable, counted in `report`)."""
+    paths = list(dict.fromkeys(item.image for items in tables.values() for item in items if item.image))
+    keys: dict[str, str | None] = {}
+    for path in tqdm(paths, desc="hashing images", unit="image", disable=not progress or not paths):
+        data = read_image_bytes(root, path, report)
+        keys[path] = None if data is None else content_key(data)
+    return keys
+
+
+def _decode_images(root: Path, paths: list[str], report: ImageReport) -> list[Image.Image | None]:
+    """Decode `paths` (runs in the prefetch thread while the previous chunk is encoded)."""
+    images = []
+    for path in paths:
+        data = read_image_bytes(root, path, report)
+        images.append(None if data is None else decode_image_bytes(data, path, report))
+    return images
+
+
+def _text_arrays(features: TextFeatures, storage: type, bar: tqdm) -> dict[str, np.ndarray]:
+    bar.update(len(features.mask))
+    return {"global": features.global_.float().cpu().numpy().astype(storage),   # [b, Dt]
+            "tokens": features.tokens.float().cpu().numpy().astype(storage),    # [b, L, Dt]
+            "mask": features.mask.cpu().numpy()}                                 # [b, L]
+
+
+def _image_arrays(features: ImageFeatures, storage: type) -> dict[str, np.ndarray]:
+    return {"global": features.global_.float().cpu().numpy().astype(storage),   # [b, Dg]
+            "patches": features.patches.float().cpu().numpy().astype(storage)}  # [b, P, Dp]
+
+
+def _write_encoded_shard(cache: ShardCache, keys: list[str], batches: Iterator[dict[str, np.ndarray]], kind: str,
+                         on_shard: ShardCallback | None) -> None:
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in cache.fields}
+    for arrays in batches:
+        for name in cache.fields:
+            parts[name].append(arrays[name])
+    cache.write_shard(keys, {name: np.concatenate(chunks) for name, chunks in parts.items()})
+    if on_shard is not None:
+        on_shard(kind, len(keys))
+
+
+def _prefetched(chunks: list[list[str]], load: Callable[[list[str]], list[Image.Image | None]],
+                executor: ThreadPoolExecutor) -> Iterator[tuple[list[str], list[Image.Image | None]]]:
+    """Yield (chunk, load(chunk)) in order, loading the next chunk while the caller works on this one."""
+    pending: tuple[list[str], Future[list[Image.Image | None]]] | None = None
+    for chunk in chunks:
+        future = executor.submit(load, chunk)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+        pending = (chunk, future)
+    if pending is not None:
+        yield pending[0], pending[1].result()
+
+
+def _blank_image_entry(namespace: Path, backbone: Backbone, storage: type) -> dict[str, np.ndarray]:
+    directory = namespace / "image-blank"
+    if not directory.is_dir():
+        with atomic_directory(directory) as tmp:
+            for name, array in _image_arrays(backbone.encode_blank_images(1), storage).items():
+                np.save(tmp / f"{name}.npy", array)
+    return {name: np.load(directory / f"{name}.npy") for name in IMAGE_FIELDS}
+
+
+def _backbone_info(backbone: Backbone) -> dict[str, Any]:
+    return {"name": backbone.name, "fingerprint": backbone.fingerprint, "text_dim": backbone.text_dim,
+            "image_global_dim": backbone.image_global_dim, "image_patch_dim": backbone.image_patch_dim,
+            "num_patches": backbone.num_patches, "image_size": backbone.image_size}
+
+
+def _write_backbone_info(namespace: Path, backbone: Backbone) -> None:
+    path = namespace / "backbone.json"
+    if not path.is_file():
+        atomic_write_json(path, _backbone_info(backbone))
+
+
+def _write_view(view_dir: Path, manifest: dict[str, Any], tables: dict[str, list[_Item]], text_cache: ShardCache,
+                text_keys: dict[str, str], image_cache: ShardCache, image_keys: dict[str | None, str | None]) -> None:
+    with atomic_directory(view_dir) as tmp:
+        for name, items in tables.items():
+            text_refs = text_cache.lookup([text_keys[item.text] for item in items])         # [N, 2]
+            if (text_refs[:, 0] < 0).any():
+                raise MismatchError(f"{text_cache.directory}: text entries vanished during the build; rebuild")
+            image_refs = image_cache.lookup([image_keys.get(item.image) or "" for item in items])  # [N, 2]
+            first = text_cache.arrays(text_cache.shard_names[0])["global"]
+            text_global = np.empty((len(items), first.shape[1]), dtype=first.dtype)        # [N, Dt]
+            text_cache.gather(text_cache.shard_names, text_refs, "global", text_global)
+            np.save(tmp / f"{name}.text_refs.npy", text_refs)
+            np.save(tmp / f"{name}.image_refs.npy", image_refs)
+            np.save(tmp / f"{name}.text_global.npy", text_global)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+
+
+@contextlib.contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be positive, got {num_threads}")
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --- opening and describing ---------------------------------------------------------------------
+
+def open_features(store_dir: Path, dataset_name: str, *, view_id: str | None = None,
+                  backbone_fingerprint: str | None = None) -> DatasetFeatures:
+    """Open a dataset's features; with several views, pick one by `view_id` or `backbone_fingerprint`."""
+    dataset_dir = Path(store_dir) / "views" / dataset_name
+    views = sorted(p.name for p in dataset_dir.iterdir() if (p / MANIFEST_FILE).is_file()) \
+        if dataset_dir.is_dir() else []
+    if view_id is not None:
+        views = [v for v in views if v == view_id]
+    if backbone_fingerprint is not None:
+        views = [v for v in views if v.startswith(backbone_fingerprint + "-")]
+    if len(views) != 1:
+        available = ", ".join(list_views(store_dir).get(dataset_name, [])) or "none"
+        problem = "no" if not views else "more than one"
+        raise MismatchError(f"{store_dir}: {problem} feature view matches dataset {dataset_name!r} "
+                            f"(view_id={view_id!r}, backbone_fingerprint={backbone_fingerprint!r}); "
+                            f"available: {available}. Build one with `mmel features build`")
+    return _open_view(Path(store_dir), dataset_dir / views[0])
+
+
+def list_views(store_dir: Path) -> dict[str, list[str]]:
+    """dataset name -> view ids present in the store."""
+    views_dir = Path(store_dir) / "views"
+    if not views_dir.is_dir():
+        return {}
+    return {d.name: sorted(v.name for v in d.iterdir() if (v / MANIFEST_FILE).is_file())
+            for d in sorted(views_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+
+
+def _open_view(store_dir: Path, view_dir: Path, *, text_cache: ShardCache | None = None,
+               image_cache: ShardCache | None = None, blank: dict[str, np.ndarray] | None = None) -> DatasetFeatures:
+    manifest = read_json(view_dir / MANIFEST_FILE)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise MismatchError(f"{view_dir}: feature view format {manifest.get('format_version')!r} is not "
+                            f"{FORMAT_VERSION}; rebuild with `mmel features build`")
+    namespace = store_dir / manifest["cache"]
+    text_cache = text_cache or ShardCache(namespace / f"text-L{manifest['max_text_length']}", TEXT_FIELDS)
+    image_cache = image_cache or ShardCache(namespace / "image", IMAGE_FIELDS)
+    if blank is None:
+        blank_dir = namespace / "image-blank"
+        if not blank_dir.is_dir():
+            raise DataError("blank-image features are missing; rebuild the features", path=blank_dir)
+        blank = {name: np.load(blank_dir / f"{name}.npy") for name in IMAGE_FIELDS}
+    tables = {name: StoredFeatureTable(name, view_dir, text_cache, image_cache, manifest["text_shards"],
+                                       manifest["image_shards"], blank)
+              for name in manifest["tables"]}
+    mentions = {name.removeprefix("mentions-"): table for name, table in tables.items() if name != ENTITY_TABLE}
+    return DatasetFeatures(view_dir=view_dir, manifest=manifest, entities=tables[ENTITY_TABLE], mentions=mentions)
+
+
+def directory_bytes(directory: Path) -> int:
+    """Total size of the regular files under `directory`."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def describe_store(store_dir: Path) -> dict[str, Any]:
+    """A summary of a store: its views (with their manifests' key facts) and its cache namespaces."""
+    store_dir = Path(store_dir)
+    if not store_dir.is_dir():
+        raise DataError("feature store directory not found", path=store_dir)
+    views = []
+    for dataset_name, view_ids in list_views(store_dir).items():
+        for view_id in view_ids:
+            manifest = read_json(store_dir / "views" / dataset_name / view_id / MANIFEST_FILE)
+            views.append({"dataset": dataset_name, "view_id": view_id, "backbone": manifest["backbone"]["name"],
+                          "template": manifest["template"]["name"], "max_text_length": manifest["max_text_length"],
+                          "dtype": manifest["dtype"], "created": manifest["created"],
+                          "tables": {name: {k: v for k, v in table.items() if k != "checksum"}
+                                     for name, table in manifest["tables"].items()}})
+    caches = []
+    cache_root = store_dir / "cache"
+    for namespace in sorted(cache_root.glob("*/*")) if cache_root.is_dir() else []:
+        entries = {sub.name: len(ShardCache(sub, ()))
+                   for sub in sorted(namespace.iterdir()) if sub.is_dir() and sub.name != "image-blank"}
+        caches.append({"namespace": str(namespace.relative_to(store_dir)), "entries": entries,
+                       "bytes": directory_bytes(namespace)})
+    return {"store": str(store_dir), "views": views, "caches": caches, "total_bytes": directory_bytes(store_dir)}
+
+
+__all__ = ["BuildReport", "DatasetFeatures", "ShardCache", "StoredFeatureTable", "build_features", "content_key",
+           "describe_store", "encode_image_batches", "encode_items", "encode_text_batches", "list_views",
+           "open_features"]

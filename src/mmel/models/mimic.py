@@ -1,0 +1,419 @@
+"""MIMIC: Multi-Grained Multimodal Interaction Network for Entity Linking (Luo et al., KDD 2023).
+
+Implements shared/specs/models.md §1, read top to bottom in the paper's order: config, encoder
+projections and pre-normalisation (§1.2-1.3), TGLU (§1.4), VDLU (§1.5), CMFU (§1.6), final score
+and unit-consistency loss (§1.7).
+
+Shape letters: B mentions, N entities, L text tokens, P image tokens (patches, plus CLS where the
+backbone has one), Dt text width, Dg global image width, Dp patch width, D hidden width (dv = 96).
+
+Parameter names follow the official release (shared/specs/official_keys.txt) so that an official
+checkpoint maps onto this model with a plain prefix table (`mmel.models.convert_official`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmel.core.config import ConfigBase, ConfigError
+from mmel.core.errors import MismatchError
+from mmel.core.features import FeatureBatch
+from mmel.models.base import MelModel
+from mmel.models.outputs import MatchOutput
+
+# Default bound on the attention logits (or DUAL pair activations) materialised at once while
+# scoring: 2**24 float32 values are 64 MiB. `MIMICModel.match` splits the entity side to stay under it.
+MAX_PAIR_ELEMENTS = 1 << 24
+
+
+@dataclass
+class MIMICConfig(ConfigBase):
+    """MIMIC matcher. Widths default to CLIP ViT-B/32 (§1.2); hidden width dv = 96 (§1.8).
+
+    The two mmel options are on by default; setting both to False reproduces the release exactly.
+
+    mask_missing_images: rows whose `FeatureBatch.has_image` is False carry the backbone's features
+        of an all-zero picture, which the release scores as if it were a real image. With this on,
+        a mention-entity pair in which either side lacks an image gets no VDLU score (the final
+        score averages the two remaining units), CMFU drops the image context of an imageless side,
+        and the VDLU loss term is computed only over rows and columns where both images exist.
+    exclude_duplicate_negatives: when two mentions of a training batch share a gold entity, the
+        release uses the other copy as a negative (a false negative). With this on, and entity ids
+        given to `forward`, such columns are left out of every cross-entropy term.
+    """
+
+    model_type: ClassVar[str] = "mimic"
+
+    text_dim: int = 512            # dt: width of t_cls and t_tok (CLIP text width, §1.2)
+    image_global_dim: int = 512    # width of the global image vector fed to image_cls_fc (CLIP image_embeds, §1.2)
+    image_patch_dim: int = 768     # width of the image tokens fed to image_tokens_fc (CLIP vision width, §1.2)
+    hidden_dim: int = 96           # dv, the width of every unit (§1.8)
+    mask_missing_images: bool = True
+    exclude_duplicate_negatives: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("text_dim", "image_global_dim", "image_patch_dim", "hidden_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"MIMICConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+# --- caches of per-side work ---------------------------------------------------------------------
+
+C = TypeVar("C", bound="_RowCache")
+
+
+@dataclass
+class _RowCache:
+    """Tensors whose first dimension is one row per mention or entity; sliced and joined along it."""
+
+    def __len__(self) -> int:
+        return getattr(self, fields(self)[0].name).shape[0]
+
+    def select(self: C, rows: torch.Tensor | slice | list[int]) -> C:
+        return type(self)(**{item.name: getattr(self, item.name)[rows] for item in fields(self)})
+
+    @classmethod
+    def concat(cls: type[C], caches: list[C]) -> C:
+        if not caches:
+            raise ValueError(f"{cls.__name__}.concat needs at least one cache")
+        return cls(**{item.name: torch.cat([getattr(c, item.name) for c in caches]) for item in fields(cls)})
+
+    def to(self: C, device: torch.device | str) -> C:
+        return type(self)(**{item.name: getattr(self, item.name).to(device) for item in fields(self)})
+
+
+@dataclass
+class MIMICEntityCache(_RowCache):
+    """Everything MIMIC computes from the N entities alone (`MIMICModel.encode_entities`)."""
+
+    text_cls: torch.Tensor             # [N, Dt]    LN(t_cls_e), for s_g2g
+    text_cls_key: torch.Tensor         # [N, D]     W_c(t_cls_e), for s_g2l
+    text_token_queries: torch.Tensor   # [N, L, D]  W_q(t_tok_e)
+    e2m_query: torch.Tensor            # [N, D]     DUAL_e2m: cls_fc(v_cls_e)
+    e2m_query_norm: torch.Tensor       # [N, D]     DUAL_e2m: layer_norm(cls_fc(v_cls_e))
+    m2e_key: torch.Tensor              # [N, D]     DUAL_m2e: cls_fc(v_cls_e)
+    m2e_value: torch.Tensor            # [N, D]     DUAL_m2e: mean_P tokens_fc(v_tok_e)
+    fused: torch.Tensor                # [N, D]     CMFU z_e
+    has_image: torch.Tensor            # [N]        bool
+
+
+@dataclass
+class MIMICMentionCache(_RowCache):
+    """Everything MIMIC computes from the B mentions alone (`MIMICModel.encode_mentions`)."""
+
+    text_cls: torch.Tensor             # [B, Dt]    LN(t_cls_m)
+    text_token_keys: torch.Tensor      # [B, L, D]  W_k(t_tok_m)
+    text_token_values: torch.Tensor    # [B, L, D]  W_v(t_tok_m)
+    e2m_key: torch.Tensor              # [B, D]     DUAL_e2m: cls_fc(v_cls_m)
+    e2m_value: torch.Tensor            # [B, D]     DUAL_e2m: mean_P tokens_fc(v_tok_m)
+    m2e_query: torch.Tensor            # [B, D]     DUAL_m2e: cls_fc(v_cls_m)
+    m2e_query_norm: torch.Tensor       # [B, D]     DUAL_m2e: layer_norm(cls_fc(v_cls_m))
+    fused: torch.Tensor                # [B, D]     CMFU z_m
+    has_image: torch.Tensor            # [B]        bool
+
+
+# --- TGLU ---------------------------------------------------------------------------------------
+
+
+class TGLU(nn.Module):
+    """Text-based Global-Local interaction Unit (models.md §1.4).
+
+    Entity tokens query mention tokens; the attended mention context, averaged over entity tokens
+    and layer-normalised, is scored against the entity's global text vector (s_g2l), and the two
+    global text vectors are compared directly (s_g2g). s_T = (s_g2l + s_g2g) / 2.
+
+    The average over entity tokens of A @ V equals (average of A over entity tokens) @ V because
+    the product is linear in A, so the [N, B, L, D] context tensor is never formed.
+    """
+
+    def __init__(self, text_dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc_query = nn.Linear(text_dim, hidden_dim)   # W_q
+        self.fc_key = nn.Linear(text_dim, hidden_dim)     # W_k
+        self.fc_value = nn.Linear(text_dim, hidden_dim)   # W_v
+        self.fc_cls = nn.Linear(text_dim, hidden_dim)     # W_c
+        self.layer_norm = nn.LayerNorm(hidden_dim)
+        self.scale = 1.0 / math.sqrt(hidden_dim)
+
+    def encode_entities(self, text_cls: torch.Tensor, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, Dt], [N, L, Dt] -> W_c(t_cls_e) [N, D], W_q(t_tok_e) [N, L, D]."""
+        return self.fc_cls(text_cls), self.fc_query(text_tokens)
+
+    def encode_mentions(self, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L, Dt] -> W_k(t_tok_m) [B, L, D], W_v(t_tok_m) [B, L, D]."""
+        return self.fc_key(text_tokens), self.fc_value(text_tokens)
+
+    def score(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> torch.Tensor:
+        """s_T [B, N]."""
+        queries = entities.text_token_queries                          # [N, Le, D]
+        keys, values = mentions.text_token_keys, mentions.text_token_values  # [B, Lm, D]
+        num_entities, entity_length, hidden = queries.shape
+        num_mentions, mention_length, _ = keys.shape
+        scaled = queries.reshape(-1, hidden) * self.scale  # scaling the [N*Le, D] factor is cheaper than the logits
+        logits = scaled @ keys.reshape(-1, hidden).T                                      # [N*Le, B*Lm]
+        attention = logits.view(num_entities, entity_length, num_mentions, mention_length).softmax(dim=-1)
+        mean_attention = attention.mean(dim=1)                                            # [N, B, Lm]
+        context = self.layer_norm(torch.einsum("nbl,bld->nbd", mean_attention, values))  # [N, B, D]
+        global_to_local = torch.einsum("nd,nbd->bn", entities.text_cls_key, context)     # [B, N]
+        global_to_global = mentions.text_cls @ entities.text_cls.T                        # [B, N]
+        return (global_to_local + global_to_global) / 2
+
+
+# --- VDLU ---------------------------------------------------------------------------------------
+
+
+class DUAL(nn.Module):
+    """One direction of VDLU (models.md §1.5): DUAL(query_cls [a], key_cls [b], value_tokens [b, P]) -> [a, b].
+
+    The query-side and key/value-side projections depend on one side only; `encode_query` and
+    `encode_key_value` compute them once so ranking reuses them for every pair.
+    """
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.cls_fc = nn.Linear(hidden_dim, hidden_dim)
+        self.tokens_fc = nn.Linear(hidden_dim, hidden_dim)
+        self.fc = nn.Linear(hidden_dim, hidden_dim)
+        self.gate_fc = nn.Linear(hidden_dim, 1)
+        self.add_layer_norm = nn.LayerNorm(hidden_dim)
+        self.layer_norm = nn.LayerNorm(hidden_dim)
+
+    def encode_query(self, query_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[a, D] -> q = cls_fc(query_cls) [a, D] and layer_norm(q) [a, D]."""
+        query = self.cls_fc(query_cls)
+        return query, self.layer_norm(query)
+
+    def encode_key_value(self, key_cls: torch.Tensor, value_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, D], [b, P, D] -> k = cls_fc(key_cls) [b, D], v = mean_P tokens_fc(value_tokens) [b, D]."""
+        return self.cls_fc(key_cls), self.tokens_fc(value_tokens).mean(dim=1)
+
+    def score(self, query: torch.Tensor, query_norm: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor) -> torch.Tensor:
+        """[a, D] x2, [b, D] x2 -> [a, b]."""
+        combined = self.fc(self.add_layer_norm(value[None, :, :] + query[:, None, :]))  # [a, b, D]
+        gate = torch.tanh(self.gate_fc(combined))                                      # [a, b, 1]
+        hidden = self.layer_norm(combined * gate + key[None, :, :])                    # [a, b, D]
+        return (hidden * query_norm[:, None, :]).sum(dim=-1)                           # [a, b]
+
+
+class VDLU(nn.Module):
+    """Vision-based DuaL interaction Unit (models.md §1.5): s_V = (s_e2m.T + s_m2e) / 2."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.dual_ent2men = DUAL(hidden_dim)
+        self.dual_men2ent = DUAL(hidden_dim)
+
+    def score(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> torch.Tensor:
+        """s_V [B, N]."""
+        entity_to_mention = self.dual_ent2men.score(entities.e2m_query, entities.e2m_query_norm,
+                                                    mentions.e2m_key, mentions.e2m_value)     # [N, B]
+        mention_to_entity = self.dual_men2ent.score(mentions.m2e_query, mentions.m2e_query_norm,
+                                                    entities.m2e_key, entities.m2e_value)     # [B, N]
+        return (entity_to_mention.T + mention_to_entity) / 2
+
+
+# --- CMFU ---------------------------------------------------------------------------------------
+
+
+class CMFU(nn.Module):
+    """Cross-Modal Fusion-based interaction Unit (models.md §1.6): s_C = z_m @ z_e.T.
+
+    Each side is fused on its own: z = LN(u * tanh(gate(u)) + ctx), with u the projected global
+    text vector and ctx its (unscaled) attention over the projected image tokens. Where
+    `image_present` is given, ctx is zeroed for rows without an image.
+
+    `context_layer_norm` exists in the release but its forward never uses it; it is kept so that
+    official checkpoints load strictly and the parameter count matches §1.11.
+    """
+
+    def __init__(self, text_dim: int, hidden_dim: int):
+        super().__init__()
+        self.text_fc = nn.Linear(text_dim, hidden_dim)
+        self.image_fc = nn.Linear(hidden_dim, hidden_dim)
+        self.gate_fc = nn.Linear(hidden_dim, 1)
+        self.gate_layer_norm = nn.LayerNorm(hidden_dim)
+        self.context_layer_norm = nn.LayerNorm(hidden_dim)
+
+    def fuse(self, text_cls: torch.Tensor, image_tokens: torch.Tensor,
+             image_present: torch.Tensor | None) -> torch.Tensor:
+        """[X, Dt], [X, P, D], optional [X] bool -> z [X, D]."""
+        text = self.text_fc(text_cls)                                        # [X, D]
+        image = self.image_fc(image_tokens)                                  # [X, P, D]
+        attention = torch.einsum("xd,xpd->xp", text, image).softmax(dim=-1)  # [X, P]
+        context = torch.einsum("xp,xpd->xd", attention, image)               # [X, D]
+        if image_present is not None:
+            context = context * image_present[:, None].to(context.dtype)
+        return self.gate_layer_norm(text * torch.tanh(self.gate_fc(text)) + context)
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+class MIMICModel(MelModel):
+    """MIMIC over precomputed features: s = (s_T + s_V + s_C) / 3 (models.md §1.7).
+
+    `image_cls_fc` and `image_tokens_fc` sit in the release's encoder; here they belong to the
+    model, since models read features. With `mask_missing_images`, pair availability
+    m[b, n] = has_image_m[b] and has_image_e[n]; the final score is (s_T + s_C + m * s_V) / (2 + m),
+    the reported "vdlu" unit score is 0 where m = 0, and CMFU ignores the blank image of a side
+    without one. Scores then do not depend at all on the blank-image features: a pair lacking an
+    image is scored by the units that have evidence, on the same scale (an average of unit scores)
+    as pairs with both images.
+    """
+
+    config_class = MIMICConfig
+    config: MIMICConfig
+
+    def __init__(self, config: MIMICConfig):
+        super().__init__(config)
+        hidden = config.hidden_dim
+        self.image_cls_fc = nn.Linear(config.image_global_dim, hidden)
+        self.image_tokens_fc = nn.Linear(config.image_patch_dim, hidden)
+        self.text_cls_layernorm = nn.LayerNorm(config.text_dim)
+        self.text_tokens_layernorm = nn.LayerNorm(config.text_dim)
+        self.image_cls_layernorm = nn.LayerNorm(hidden)
+        self.image_tokens_layernorm = nn.LayerNorm(hidden)
+        self.tglu = TGLU(config.text_dim, hidden)
+        self.vdlu = VDLU(hidden)
+        self.cmfu = CMFU(config.text_dim, hidden)
+        self.max_pair_elements = MAX_PAIR_ELEMENTS
+
+    # --- per-side encoding (§1.2-1.3 and the side-only parts of each unit) ----------------------
+    def _prenormalise(self, batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t_cls [X, Dt], t_tok [X, L, Dt], v_cls [X, D], v_tok [X, P, D], each layer-normalised (§1.3)."""
+        self._check_widths(batch)
+        text_cls = self.text_cls_layernorm(batch.text_global)
+        text_tokens = self.text_tokens_layernorm(batch.text_tokens)
+        image_cls = self.image_cls_layernorm(self.image_cls_fc(batch.image_global))
+        image_tokens = self.image_tokens_layernorm(self.image_tokens_fc(batch.image_patches))
+        return text_cls, text_tokens, image_cls, image_tokens
+
+    def _image_presence(self, batch: FeatureBatch) -> torch.Tensor | None:
+        return batch.has_image.bool() if self.config.mask_missing_images else None
+
+    def encode_entities(self, entities: FeatureBatch) -> MIMICEntityCache:
+        text_cls, text_tokens, image_cls, image_tokens = self._prenormalise(entities)
+        text_cls_key, text_token_queries = self.tglu.encode_entities(text_cls, text_tokens)
+        e2m_query, e2m_query_norm = self.vdlu.dual_ent2men.encode_query(image_cls)
+        m2e_key, m2e_value = self.vdlu.dual_men2ent.encode_key_value(image_cls, image_tokens)
+        fused = self.cmfu.fuse(text_cls, image_tokens, self._image_presence(entities))
+        return MIMICEntityCache(text_cls=text_cls, text_cls_key=text_cls_key, text_token_queries=text_token_queries,
+                                e2m_query=e2m_query, e2m_query_norm=e2m_query_norm, m2e_key=m2e_key,
+                                m2e_value=m2e_value, fused=fused, has_image=entities.has_image.bool())
+
+    def encode_mentions(self, mentions: FeatureBatch) -> MIMICMentionCache:
+        text_cls, text_tokens, image_cls, image_tokens = self._prenormalise(mentions)
+        text_token_keys, text_token_values = self.tglu.encode_mentions(text_tokens)
+        e2m_key, e2m_value = self.vdlu.dual_ent2men.encode_key_value(image_cls, image_tokens)
+        m2e_query, m2e_query_norm = self.vdlu.dual_men2ent.encode_query(image_cls)
+        fused = self.cmfu.fuse(text_cls, image_tokens, self._image_presence(mentions))
+        return MIMICMentionCache(text_cls=text_cls, text_token_keys=text_token_keys,
+                                 text_token_values=text_token_values, e2m_key=e2m_key, e2m_value=e2m_value,
+                                 m2e_query=m2e_query, m2e_query_norm=m2e_query_norm, fused=fused,
+                                 has_image=mentions.has_image.bool())
+
+    # --- scoring (§1.7) -------------------------------------------------------------------------
+    def match(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> MatchOutput:
+        """Scores [B, N] and unit scores; the entity side is split so no chunk exceeds `max_pair_elements`."""
+        chunk = self._entity_rows_per_chunk(mentions, entities)
+        parts = [self._match_chunk(mentions, entities.select(slice(start, start + chunk)))
+                 for start in range(0, max(len(entities), 1), chunk)]
+        if len(parts) == 1:
+            return parts[0]
+        return MatchOutput(scores=torch.cat([p.scores for p in parts], dim=1),
+                           unit_scores={name: torch.cat([p.unit_scores[name] for p in parts], dim=1)
+                                        for name in parts[0].unit_scores})
+
+    def _entity_rows_per_chunk(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> int:
+        entity_length = entities.text_token_queries.shape[1]
+        mention_length = mentions.text_token_keys.shape[1]
+        per_entity = len(mentions) * max(entity_length * mention_length, self.config.hidden_dim)
+        return max(1, self.max_pair_elements // max(per_entity, 1))
+
+    def _match_chunk(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> MatchOutput:
+        text_score = self.tglu.score(mentions, entities)        # [B, N]
+        visual_score = self.vdlu.score(mentions, entities)      # [B, N]
+        fusion_score = mentions.fused @ entities.fused.T        # [B, N]
+        if not self.config.mask_missing_images:
+            scores = (text_score + visual_score + fusion_score) / 3
+        else:
+            pair_has_images = mentions.has_image[:, None] & entities.has_image[None, :]        # [B, N]
+            visual_score = torch.where(pair_has_images, visual_score, torch.zeros_like(visual_score))
+            scores = (text_score + fusion_score + visual_score) / (2 + pair_has_images.to(text_score.dtype))
+        return MatchOutput(scores=scores, unit_scores={"tglu": text_score, "vdlu": visual_score, "cmfu": fusion_score})
+
+    def forward(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor | None = None,
+                entity_ids: torch.Tensor | None = None) -> MatchOutput:
+        """Score B mentions against N entities; with `labels` [B] (gold column per row), add the loss.
+
+        `entity_ids` [N] identifies the entity of each column (e.g. its KB row) so that, with
+        `exclude_duplicate_negatives`, a column holding the same entity as a row's gold column is
+        not used as that row's negative.
+        """
+        mention_cache = self.encode_mentions(mentions)
+        entity_cache = self.encode_entities(entities)
+        output = self.match(mention_cache, entity_cache)
+        if labels is not None:
+            output.loss, output.unit_losses = self.unit_consistency_loss(
+                output, labels, entity_ids, mention_cache.has_image, entity_cache.has_image)
+        return output
+
+    # --- loss (§1.7) ----------------------------------------------------------------------------
+    def unit_consistency_loss(self, output: MatchOutput, labels: torch.Tensor, entity_ids: torch.Tensor | None,
+                              mention_has_image: torch.Tensor, entity_has_image: torch.Tensor
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L = CE(s) + CE(s_T) + CE(s_V) + CE(s_C), each a mean cross-entropy over the batch rows."""
+        labels = labels.long()
+        usable = self._usable_negatives(output.scores, labels, entity_ids)                  # [B, N]
+        losses = {"overall": _masked_cross_entropy(output.scores, labels, usable),
+                  "tglu": _masked_cross_entropy(output.unit_scores["tglu"], labels, usable),
+                  "cmfu": _masked_cross_entropy(output.unit_scores["cmfu"], labels, usable)}
+        visual_usable, visual_rows = usable, None
+        if self.config.mask_missing_images:
+            pair_has_images = mention_has_image.bool()[:, None] & entity_has_image.bool()[None, :]  # [B, N]
+            visual_usable = usable & pair_has_images
+            visual_rows = pair_has_images.gather(1, labels[:, None]).squeeze(1)                    # [B]
+        losses["vdlu"] = _masked_cross_entropy(output.unit_scores["vdlu"], labels, visual_usable, visual_rows)
+        return losses["overall"] + losses["tglu"] + losses["vdlu"] + losses["cmfu"], losses
+
+    def _usable_negatives(self, scores: torch.Tensor, labels: torch.Tensor,
+                          entity_ids: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] bool: columns that may enter row b's softmax (the gold column always does)."""
+        usable = torch.ones_like(scores, dtype=torch.bool)
+        if self.config.exclude_duplicate_negatives and entity_ids is not None:
+            if entity_ids.shape != (scores.shape[1],):
+                raise ValueError(f"entity_ids must have shape ({scores.shape[1]},), got {tuple(entity_ids.shape)}")
+            entity_ids = entity_ids.to(scores.device)
+            same_entity = entity_ids[None, :] == entity_ids[labels][:, None]                  # [B, N]
+            is_label = torch.arange(scores.shape[1], device=scores.device)[None, :] == labels[:, None]
+            usable = ~same_entity | is_label
+        return usable
+
+    def _check_widths(self, batch: FeatureBatch) -> None:
+        """t_cls and t_tok share one width (§1.3: both LayerNorms are text_dim wide), as in every OpenAI CLIP."""
+        expected = {"text_dim": self.config.text_dim, "image_global_dim": self.config.image_global_dim,
+                    "image_patch_dim": self.config.image_patch_dim, "text_global_dim": self.config.text_dim}
+        if {**batch.dims, "text_global_dim": batch.text_global.shape[-1]} != expected:
+            raise MismatchError(f"features have widths {batch.dims} but this MIMIC model expects {expected}; "
+                                "use features from the backbone the model was trained with")
+
+
+def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, usable: torch.Tensor,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE over `rows` (all rows if None) with unusable columns removed; 0 when no row is left."""
+    masked = logits.masked_fill(~usable, float("-inf"))
+    if rows is None:
+        return F.cross_entropy(masked, labels)
+    if not bool(rows.any()):
+        return logits.sum() * 0.0  # a zero that stays in the graph, so backward works on any batch
+    return F.cross_entropy(masked[rows], labels[rows])
+
+
+__all__ = ["CMFU", "DUAL", "TGLU", "VDLU", "MIMICConfig", "MIMICEntityCache", "MIMICMentionCache", "MIMICModel"]

@@ -1,0 +1,215 @@
+"""The reranker's per-entity cache on disk: `MelModel.encode_entities` output, memory-mapped, appendable.
+
+Why the model's cache and not the raw features: the cache is everything a model computes from an
+entity alone, so reranking K candidates only gathers K rows and runs `match`. It is also far
+smaller. With the default MiniLM + EfficientNet backbone the raw reranking inputs of one entity
+are 40 x 384 text tokens plus 49 x 1280 image patches (about 155 KB in float16); MIMIC's cache is
+40 x 96 token queries plus a few vectors (about 9.6 KB in float16, 19.2 KB in float32), because
+the image patches collapse into per-entity vectors. A million entities fit in about 9.6 GB of
+float16 on disk, read through the page cache.
+
+Layout: `segments.json` lists segments (name + metadata) in write order; each segment directory holds `qids.json`
+and one `<field>.npy` per cache field (rows aligned with the QIDs). Adding entities writes a new
+segment; an updated entity's newest row wins; removed entities simply lose their location (the
+caller passes the live QIDs), so no segment is ever rewritten. The cache class must be a
+dataclass whose fields are tensors with one row per entity (MIMIC's `_RowCache` pattern).
+
+Shapes: N entities, K gathered rows; each field is [N, *trailing].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmel.core.errors import DataError, MismatchError
+from mmel.core.paths import atomic_directory, atomic_write_json, read_json
+
+SEGMENTS_FILE = "segments.json"
+QIDS_FILE = "qids.json"
+STORAGE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The class of a model's entity cache and, per field, its trailing shape and kind (float or bool)."""
+
+    cache_class: type
+    fields: dict[str, tuple[tuple[int, ...], str]]
+
+    @classmethod
+    def of(cls, cache: Any) -> CacheLayout:
+        """Read the layout off one encoded cache; refuse caches that are not row-aligned tensor dataclasses."""
+        if not dataclasses.is_dataclass(cache) or isinstance(cache, type):
+            raise MismatchError(f"the model's entity cache ({type(cache).__name__}) is not a dataclass of tensors, "
+                                "so it cannot be stored in an index")
+        fields: dict[str, tuple[tuple[int, ...], str]] = {}
+        rows = None
+        for item in dataclasses.fields(cache):
+            tensor = getattr(cache, item.name)
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim == 0:
+                raise MismatchError(f"{type(cache).__name__}.{item.name} is not a tensor with one row per entity")
+            rows = tensor.shape[0] if rows is None else rows
+            if tensor.shape[0] != rows:
+                raise MismatchError(f"{type(cache).__name__}.{item.name} has {tensor.shape[0]} rows, not {rows}")
+            kind = "bool" if tensor.dtype == torch.bool else "float"
+            fields[item.name] = (tuple(tensor.shape[1:]), kind)
+        return cls(type(cache), fields)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON description for the manifest (what `check` compares)."""
+        return {"class": self.cache_class.__name__,
+                "fields": {name: {"shape": list(shape), "kind": kind} for name, (shape, kind) in self.fields.items()}}
+
+    def check(self, described: dict[str, Any], *, source: object) -> None:
+        if described != self.describe():
+            raise MismatchError(f"{source}: the stored entity cache ({described}) does not fit this model's cache "
+                                f"({self.describe()}); rebuild the index with this model")
+
+
+class EntityCacheStore:
+    """Append-only segments of per-entity cache rows, with QID -> (segment, row) lookup and row gathering."""
+
+    def __init__(self, directory: Path, layout: CacheLayout, storage_dtype: str):
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"unknown cache storage dtype {storage_dtype!r}; available: {', '.join(STORAGE_DTYPES)}")
+        self.directory = Path(directory)
+        self.layout = layout
+        self.storage_dtype = storage_dtype
+        self._segments: list[dict[str, np.ndarray]] = []
+        self._segment_info: list[dict[str, Any]] = []   # {"name", "metadata"} per segment
+        self._location: dict[str, tuple[int, int]] = {}
+
+    # --- opening ----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: Path, layout: CacheLayout, live_qids: Collection[str]) -> EntityCacheStore:
+        """Open the segments (memory-mapped); every QID in `live_qids` must have a row."""
+        directory = Path(directory)
+        listing = read_json(directory / SEGMENTS_FILE)
+        if not isinstance(listing, dict) or not isinstance(listing.get("segments"), list):
+            raise DataError("expected an object with a 'segments' list", path=directory / SEGMENTS_FILE)
+        layout.check(listing.get("layout", {}), source=directory / SEGMENTS_FILE)
+        store = cls(directory, layout, listing.get("storage_dtype", ""))
+        for info in listing["segments"]:
+            if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+                raise DataError(f"malformed segment entry {info!r}", path=directory / SEGMENTS_FILE)
+            store._map_segment(info)
+        missing = [qid for qid in live_qids if qid not in store._location]
+        if missing:
+            raise MismatchError(f"{directory}: {len(missing)} indexed entities have no cached rows, e.g. "
+                                f"{missing[:5]}; the index was copied partially: rebuild it")
+        live = set(live_qids)
+        store._location = {qid: place for qid, place in store._location.items() if qid in live}
+        return store
+
+    @classmethod
+    def create(cls, directory: Path, layout: CacheLayout, storage_dtype: str) -> EntityCacheStore:
+        """An empty store at `directory` (segments are added with `write_segment`)."""
+        store = cls(directory, layout, storage_dtype)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        store._save_listing()
+        return store
+
+    # --- reading ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._location)
+
+    def __contains__(self, qid: object) -> bool:
+        return qid in self._location
+
+    @property
+    def num_segments(self) -> int:
+        return len(self._segments)
+
+    def gather(self, qids: Sequence[str]) -> Any:
+        """The cache rows of `qids` [K], in that order, as float32 / bool tensors of the model's cache class."""
+        try:
+            places = [self._location[qid] for qid in qids]
+        except KeyError as error:
+            raise KeyError(f"QID {error.args[0]!r} has no cached rows in {self.directory}") from None
+        segments = np.array([segment for segment, _ in places], dtype=np.int64)     # [K]
+        rows = np.array([row for _, row in places], dtype=np.int64)                 # [K]
+        columns = {}
+        for name, (shape, kind) in self.layout.fields.items():
+            values = np.empty((len(places), *shape), dtype=np.bool_ if kind == "bool" else np.float32)
+            for segment in np.unique(segments):
+                selected = np.flatnonzero(segments == segment)
+                values[selected] = self._segments[segment][name][rows[selected]]
+            columns[name] = torch.from_numpy(values)
+        return self.layout.cache_class(**columns)
+
+    # --- writing ----------------------------------------------------------------------------
+    def write_segment(self, qids: Sequence[str], caches: Iterable[Any], *, metadata: dict[str, Any] | None = None,
+                      ) -> None:
+        """Store the rows of `caches` (model caches, in order, read one at a time) for `qids` as one new segment.
+
+        `metadata` (JSON) is kept with the segment, e.g. the directory its entities' image paths start from.
+        """
+        name = f"segment-{len(self._segment_info):06d}"
+        with atomic_directory(self.directory / name) as tmp:
+            arrays = {field_name: np.lib.format.open_memmap(
+                          tmp / f"{field_name}.npy", mode="w+", shape=(len(qids), *shape),
+                          dtype=np.bool_ if kind == "bool" else np.dtype(self.storage_dtype))
+                      for field_name, (shape, kind) in self.layout.fields.items()}
+            start = 0
+            for cache in caches:
+                if start + len(cache) > len(qids):
+                    raise ValueError(f"more cached rows than the {len(qids)} QIDs")
+                for field_name, array in arrays.items():
+                    array[start:start + len(cache)] = getattr(cache, field_name).detach().cpu().numpy()
+                start += len(cache)
+            if start != len(qids):
+                raise ValueError(f"{len(qids)} QIDs but {start} cached rows")
+            for array in arrays.values():
+                array.flush()
+            del arrays
+            atomic_write_json(tmp / QIDS_FILE, list(qids), indent=None)
+        self._map_segment({"name": name, "metadata": dict(metadata or {})})
+        self._save_listing()
+
+    def segment_metadata(self, qid: str) -> dict[str, Any]:
+        """The metadata of the segment holding `qid`'s current row (KeyError if it has none)."""
+        return self._segment_info[self._location[qid][0]]["metadata"]
+
+    def forget(self, qids: Collection[str]) -> None:
+        """Drop the locations of removed entities (their rows stay on disk until the index is rebuilt)."""
+        for qid in qids:
+            self._location.pop(qid, None)
+
+    def stored_rows(self) -> int:
+        """Rows on disk, dead ones included (compare with len() to see the space removed entities still use)."""
+        return sum(len(next(iter(segment.values()))) for segment in self._segments)
+
+    # --- internals --------------------------------------------------------------------------
+    def _map_segment(self, info: dict[str, Any]) -> None:
+        path = self.directory / info["name"]
+        qids = read_json(path / QIDS_FILE)
+        if not isinstance(qids, list):
+            raise DataError("expected a JSON list of QIDs", path=path / QIDS_FILE)
+        arrays = {}
+        for field_name, (shape, _) in self.layout.fields.items():
+            file = path / f"{field_name}.npy"
+            try:
+                array = np.load(file, mmap_mode="r", allow_pickle=False)
+            except FileNotFoundError:
+                raise DataError("cache array missing", path=file) from None
+            if array.shape != (len(qids), *shape):
+                raise MismatchError(f"{file}: shape {array.shape}, expected {(len(qids), *shape)}; rebuild the index")
+            arrays[field_name] = array
+        segment = len(self._segments)
+        self._segments.append(arrays)
+        self._segment_info.append(info)
+        self._location.update((qid, (segment, row)) for row, qid in enumerate(qids))
+
+    def _save_listing(self) -> None:
+        atomic_write_json(self.directory / SEGMENTS_FILE, {
+            "segments": self._segment_info, "storage_dtype": self.storage_dtype, "layout": self.layout.describe()})
+
+
+__all__ = ["STORAGE_DTYPES", "CacheLayout", "EntityCacheStore"]

@@ -1,0 +1,350 @@
+"""Build a self-describing link index directory from a knowledge base and a trained model checkpoint.
+
+    <index>/manifest.json     format, versions, model (type + weights SHA-256), backbone (name +
+                              fingerprint), template, max text length, KB checksum at build time,
+                              first stage, counts, change log
+    <index>/model/            a copy of the checkpoint: the index is self-contained
+    <index>/vectors/          VectorIndex (FAISS) over the backbone's global text vectors of the entities
+    <index>/bm25/             BM25Index over entity names (first stage 'bm25' or 'hybrid' only)
+    <index>/entities.sqlite   EntityStore: names, texts, image paths
+    <index>/entity_cache/     EntityCacheStore: the model's per-entity cache for reranking; each segment
+                              records the directory its entities' image paths are relative to
+    <index>/nil.json          optional NilCalibration (`mmel index calibrate-nil`)
+
+`mmel.retrieval.linker.Linker` opens it. Entity features come from the feature store when one is
+given (`build_features` reuses every entry already encoded), else they are encoded on the fly with
+the same calls the store makes (`encode_items`), so both paths give the same features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmel.backbones import load_backbone
+from mmel.backbones.base import Backbone
+from mmel.core.checkpoint import WEIGHTS_FILE, read_checkpoint_header
+from mmel.core.config import ConfigBase, ConfigError
+from mmel.core.errors import DataError, MismatchError
+from mmel.core.features import FeatureBatch
+from mmel.core.images import ImageReport, load_image
+from mmel.core.paths import atomic_directory, atomic_write_json, read_json
+from mmel.core.types import Dataset, Entity, KnowledgeBase
+from mmel.features.store import build_features, encode_items
+from mmel.features.templates import TextTemplate, get_template
+from mmel.models import load_model
+from mmel.models.base import MelModel
+from mmel.retrieval.bm25 import BM25Index
+from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
+from mmel.retrieval.index import INDEX_KINDS, IndexConfig, VectorIndex, read_index_manifest
+from mmel.retrieval.kb_store import EntityStore, kb_checksum
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "mmel-link-index"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_DIR = "model"
+VECTORS_DIR = "vectors"
+BM25_DIR = "bm25"
+ENTITIES_FILE = "entities.sqlite"
+CACHE_DIR = "entity_cache"
+NIL_FILE = "nil.json"
+FIRST_STAGES = ("dense", "bm25", "hybrid")
+RERANKERS = ("model", "none")
+CACHE_DTYPES = ("auto", "float32", "float16")
+CHANGE_LOG_LENGTH = 100   # manifest keeps the last this many add/remove records
+DEFAULT_TEMPLATE = "mimic"
+DEFAULT_MAX_TEXT_LENGTH = 40
+
+
+@dataclass
+class IndexBuildConfig(ConfigBase):
+    """How `build_index` builds an index. Defaults suit KBs from a few entities to about a million."""
+
+    first_stage: str = "hybrid"              # 'dense' (FAISS), 'bm25' (entity names) or 'hybrid' (both, fused)
+    reranker: str = "model"                  # 'model' (rerank with the checkpoint) or 'none' (first stage only)
+    vector_index: str = "auto"               # FAISS kind: 'auto', 'flat' (exact), 'hnsw' or 'ivf'
+    exact_max_entities: int = 200_000        # 'auto' is exact up to this many entities, HNSW above
+    cache_dtype: str = "auto"                # reranker cache storage: 'float32', 'float16' or 'auto'
+    float32_cache_max_entities: int = 200_000  # 'auto' stores float32 up to this many entities, float16 above
+    bm25_fields: str = "name"                # BM25 documents: 'name' or 'name+text'
+    encode_batch_size: int = 64              # entities per backbone / model batch while building
+
+    def __post_init__(self) -> None:
+        choices = (("first_stage", FIRST_STAGES), ("reranker", RERANKERS), ("cache_dtype", CACHE_DTYPES),
+                   ("vector_index", INDEX_KINDS))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; available: {', '.join(allowed)}")
+        for name in ("exact_max_entities", "float32_cache_max_entities", "encode_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"IndexBuildConfig.{name} must be at least 1, got {getattr(self, name)}")
+
+    def storage_dtype(self, num_entities: int) -> str:
+        if self.cache_dtype != "auto":
+            return self.cache_dtype
+        return "float32" if num_entities <= self.float32_cache_max_entities else "float16"
+
+    def vector_index_config(self) -> IndexConfig:
+        return IndexConfig(kind=self.vector_index, exact_max_entities=self.exact_max_entities)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint needs from the input side: its backbone and how texts were rendered."""
+
+    model_type: str
+    fingerprint: str              # SHA-256 of model.safetensors
+    backbone_name: str
+    backbone_fingerprint: str | None
+    template: TextTemplate
+    max_text_length: int
+
+    @classmethod
+    def read(cls, checkpoint_dir: Path) -> ModelSpec:
+        header = read_checkpoint_header(Path(checkpoint_dir))
+        backbone = header.get("backbone") or {}
+        preprocess = header.get("preprocess") or {}
+        return cls(model_type=header["model_type"], fingerprint=weights_fingerprint(checkpoint_dir),
+                   backbone_name=backbone.get("name", "minilm_effnet"),
+                   backbone_fingerprint=backbone.get("fingerprint"),
+                   template=_template_from(preprocess, source=Path(checkpoint_dir)),
+                   max_text_length=int(preprocess.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)))
+
+
+@dataclass
+class IndexBuildReport:
+    """What `build_index` did."""
+
+    directory: Path
+    entities: int
+    with_image: int
+    first_stage: str
+    vector_index: str
+    cache_dtype: str
+    seconds: float
+    bytes_on_disk: int
+    image_report: ImageReport = field(default_factory=ImageReport)
+
+    def summary(self) -> str:
+        return (f"{self.directory}: {self.entities} entities ({self.with_image} with an image), first stage "
+                f"{self.first_stage} ({self.vector_index} vectors), reranker cache {self.cache_dtype}, "
+                f"{self.bytes_on_disk / 2**20:.1f} MiB, built in {self.seconds:.1f} s; {self.image_report.summary()}")
+
+
+def weights_fingerprint(checkpoint_dir: Path) -> str:
+    """SHA-256 of a checkpoint's weights file: what an index records and `expect_model` compares."""
+    path = Path(checkpoint_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise MismatchError(f"{checkpoint_dir}: {WEIGHTS_FILE} is missing; not a model checkpoint directory")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checked_backbone(spec: ModelSpec, backbone: Backbone | None = None) -> Backbone:
+    """The checkpoint's backbone (loaded by name unless given), refused when its fingerprint differs."""
+    backbone = backbone if backbone is not None else load_backbone(spec.backbone_name)
+    if backbone.name != spec.backbone_name:
+        raise MismatchError(f"the model was trained on backbone {spec.backbone_name!r}, not {backbone.name!r}")
+    if spec.backbone_fingerprint is not None and backbone.fingerprint != spec.backbone_fingerprint:
+        raise MismatchError(f"backbone {backbone.name!r} has fingerprint {backbone.fingerprint}, but the model was "
+                            f"trained on {spec.backbone_fingerprint}; install the matching weights")
+    return backbone
+
+
+def build_index(dataset: Dataset, checkpoint_dir: Path, out_dir: Path, *, config: IndexBuildConfig | None = None,
+                features_store: Path | None = None, backbone: Backbone | None = None,
+                progress: bool = True) -> IndexBuildReport:
+    """Build the index of `dataset.kb` for the model in `checkpoint_dir` at `out_dir` (atomically)."""
+    started = time.perf_counter()
+    config = config or IndexBuildConfig()
+    kb = dataset.kb
+    if len(kb) == 0:
+        raise DataError("the knowledge base is empty; nothing to index", path=dataset.root)
+    if kb.duplicate_qids:
+        raise DataError(f"{len(kb.duplicate_qids)} duplicate QIDs in the knowledge base, e.g. "
+                        f"{list(kb.duplicate_qids[:5])}", path=dataset.root)
+    spec = ModelSpec.read(checkpoint_dir)
+    model = load_model(checkpoint_dir)
+    backbone = load_checked_backbone(spec, backbone)
+    storage_dtype = config.storage_dtype(len(kb))
+    report = ImageReport()
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp, torch.inference_mode():
+        batches = (_stored_feature_batches(dataset, backbone, spec, features_store, config, progress)
+                   if features_store is not None else
+                   encode_entity_batches(backbone, list(kb), dataset.root, spec, config.encode_batch_size, report))
+        vectors, with_image = _write_entity_cache(tmp / CACHE_DIR, model, kb, batches, storage_dtype,
+                                                  Path(dataset.root).resolve(), progress)
+        vectors_index = VectorIndex.build(vectors, kb.qids, config.vector_index_config(), progress=progress,
+                                          metadata=_vector_metadata(spec))
+        vectors_index.save(tmp / VECTORS_DIR)
+        EntityStore.create(tmp / ENTITIES_FILE, kb, progress=progress).close()
+        if config.first_stage != "dense":
+            BM25Index.build(kb, config.bm25_fields).save(tmp / BM25_DIR)  # type: ignore[arg-type]
+        shutil.copytree(checkpoint_dir, tmp / MODEL_DIR)
+        manifest = _new_manifest(spec, config, dataset, storage_dtype, vectors_index.kind, with_image)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+    built = IndexBuildReport(directory=out_dir, entities=len(kb), with_image=with_image,
+                             first_stage=config.first_stage, vector_index=vectors_index.kind,
+                             cache_dtype=storage_dtype, seconds=time.perf_counter() - started,
+                             bytes_on_disk=_directory_bytes(out_dir), image_report=report)
+    logger.info("%s", built.summary())
+    return built
+
+
+def encode_entity_batches(backbone: Backbone, entities: Sequence[Entity], images_root: Path, spec: ModelSpec,
+                          batch_size: int, report: ImageReport) -> Iterator[FeatureBatch]:
+    """Features of `entities` (first image each, as at evaluation), `batch_size` at a time, on the fly."""
+    for start in range(0, len(entities), batch_size):
+        chunk = entities[start:start + batch_size]
+        texts = [spec.template.entity_text(entity) for entity in chunk]
+        images = [load_image(images_root, entity.images[0], report) if entity.images else None for entity in chunk]
+        yield encode_items(backbone, texts, images, max_text_length=spec.max_text_length, batch_size=batch_size)
+
+
+def encode_cache_and_vectors(model: MelModel, batch: FeatureBatch) -> tuple[Any, np.ndarray]:
+    """The model's entity cache and the unit-length first-stage vectors [B, Dt] of one feature batch."""
+    vectors = torch.nn.functional.normalize(batch.text_global.float(), dim=-1).cpu().numpy()   # [B, Dt]
+    return model.encode_entities(batch), vectors
+
+
+def read_manifest(index_dir: Path) -> dict[str, Any]:
+    path = Path(index_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise MismatchError(f"{index_dir} is not an mmel link index: {MANIFEST_FILE} is missing "
+                            "(build one with `mmel index build`)")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise MismatchError(f"{path}: not an mmel link index manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise MismatchError(f"{path}: format_version {manifest.get('format_version')!r} is not supported (this "
+                            f"mmel reads {FORMAT_VERSION}); rebuild the index")
+    return manifest
+
+
+def describe_index(index_dir: Path) -> dict[str, Any]:
+    """Facts about an index from its files alone (no model or backbone loaded): `mmel index info`."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    vectors = read_index_manifest(index_dir / VECTORS_DIR)
+    nil_path = index_dir / NIL_FILE
+    return {"directory": str(index_dir), "entities": vectors["count"], "vector_index": vectors["kind"],
+            "nil_threshold": read_json(nil_path)["threshold"] if nil_path.is_file() else None,
+            "bytes_on_disk": _directory_bytes(index_dir),
+            **{key: manifest[key] for key in ("model", "backbone", "preprocess", "kb", "first_stage", "reranker",
+                                              "cache_dtype", "revision", "created", "mmel_version")},
+            "last_changes": manifest.get("changes", [])[-5:]}
+
+
+def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(Path(index_dir) / MANIFEST_FILE, manifest)
+
+
+def record_change(manifest: dict[str, Any], **counts: int) -> None:
+    """Bump the revision and log what changed (the KB checksum at build time stays as it was)."""
+    manifest["revision"] = manifest.get("revision", 0) + 1
+    log = manifest.setdefault("changes", [])
+    log.append({"revision": manifest["revision"], "time": _now(), **counts})
+    del log[:-CHANGE_LOG_LENGTH]
+
+
+def _stored_feature_batches(dataset: Dataset, backbone: Backbone, spec: ModelSpec, store_dir: Path,
+                            config: IndexBuildConfig, progress: bool) -> Iterator[FeatureBatch]:
+    """Entity features from the feature store (encoding only what it lacks), in KB order."""
+    features = build_features(dataset, backbone, store_dir, template=spec.template.name,
+                              entity_field=spec.template.entity_field, max_text_length=spec.max_text_length,
+                              splits=[], progress=progress)
+    if features.template != spec.template:
+        raise MismatchError(f"{features.view_dir}: template {features.template} differs from the model's "
+                            f"{spec.template}")
+    table = features.entities
+    for start in range(0, len(table), config.encode_batch_size):
+        yield table.gather(np.arange(start, min(start + config.encode_batch_size, len(table))))
+
+
+def _write_entity_cache(directory: Path, model: MelModel, kb: KnowledgeBase, batches: Iterator[FeatureBatch],
+                        storage_dtype: str, images_root: Path, progress: bool) -> tuple[np.ndarray, int]:
+    """Encode every entity's cache into one segment, streamed to disk; return the vectors [N, Dt] and image count."""
+    vectors: list[np.ndarray] = []
+    with_image = 0
+
+    def caches() -> Iterator[Any]:
+        nonlocal with_image
+        with tqdm(total=len(kb), desc="encoding entities", unit="entity", disable=not progress) as bar:
+            for batch in batches:
+                cache, batch_vectors = encode_cache_and_vectors(model, batch)
+                vectors.append(batch_vectors)
+                with_image += int(batch.has_image.sum())
+                bar.update(len(batch))
+                yield cache
+
+    stream = caches()
+    first = next(stream)
+    store = EntityCacheStore.create(directory, CacheLayout.of(first), storage_dtype)
+    store.write_segment(kb.qids, itertools.chain([first], stream), metadata={"images_root": str(images_root)})
+    return np.concatenate(vectors), with_image
+
+
+def _vector_metadata(spec: ModelSpec) -> dict[str, Any]:
+    return {"backbone_fingerprint": spec.backbone_fingerprint or "", "template": spec.template.to_dict(),
+            "max_text_length": spec.max_text_length}
+
+
+def _new_manifest(spec: ModelSpec, config: IndexBuildConfig, dataset: Dataset, storage_dtype: str,
+                  vector_kind: str, with_image: int) -> dict[str, Any]:
+    from mmel import __version__
+
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "mmel_version": __version__, "created": _now(),
+        "model": {"model_type": spec.model_type, "fingerprint": spec.fingerprint},
+        "backbone": {"name": spec.backbone_name, "fingerprint": spec.backbone_fingerprint},
+        "preprocess": {"template": spec.template.to_dict(), "max_text_length": spec.max_text_length},
+        "kb": {"dataset": dataset.name, "checksum_at_build": kb_checksum(dataset.kb),
+               "entities_at_build": len(dataset.kb), "with_image_at_build": with_image},
+        "first_stage": config.first_stage, "reranker": config.reranker, "vector_index": vector_kind,
+        "bm25_fields": config.bm25_fields, "cache_dtype": storage_dtype,
+        "build_config": config.to_dict(), "revision": 0, "changes": [],
+    }
+
+
+def _template_from(preprocess: dict[str, Any], *, source: Path) -> TextTemplate:
+    """The checkpoint's text template: a registered name, or a full {name, mention_format, ...} object."""
+    template = preprocess.get("template", DEFAULT_TEMPLATE)
+    if isinstance(template, str):
+        return get_template(template, preprocess.get("entity_field"))
+    if isinstance(template, dict):
+        try:
+            return TextTemplate(**template)
+        except TypeError as error:
+            raise DataError(f"preprocess.template is malformed: {error}", path=source) from None
+    raise DataError(f"preprocess.template must be a name or an object, got {template!r}", path=source)
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+__all__ = ["FIRST_STAGES", "RERANKERS", "IndexBuildConfig", "IndexBuildReport", "ModelSpec", "build_index",
+           "describe_index",
+           "encode_cache_and_vectors", "encode_entity_batches", "load_checked_backbone", "read_manifest",
+           "weights_fingerprint", "write_manifest"]

@@ -1,0 +1,17 @@
+"""`GET /health`: liveness for anyone; index facts only for callers allowed to link."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from mmel import __version__
+from mmel.server.deps import CredentialsDep, LinkerDep, SettingsDep, is_authorized
+from mmel.server.schemas import HealthResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthResponse, summary="Is the server up, and what does it serve")
+def health(linker: LinkerDep, settings: SettingsDep, credentials: CredentialsDep) -> HealthResponse:
+    index = linker.info() if is_authorized(settings, credentials) else None
+    return HealthResponse(status="ok", version=__version__, auth_required=settings.token is not None, index=index)

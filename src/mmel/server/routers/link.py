@@ -1,0 +1,171 @@
+"""`POST /link` (JSON or multipart with an image upload) and `POST /link/batch`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import ValidationError
+
+from mmel.core.images import ImageTooLargeError, decode_image
+from mmel.retrieval.linker import MentionQuery
+from mmel.server.deps import LinkerDep, SettingsDep, require_token, run_with_timeout
+from mmel.server.schemas import (
+    MAX_SENTENCE_CHARS,
+    ErrorResponse,
+    LinkBatchRequest,
+    LinkBatchResponse,
+    LinkQuery,
+    LinkRequest,
+    LinkResponse,
+    link_response,
+)
+from mmel.server.settings import ServerSettings
+
+FORM_FIELDS = ("sentence", "mention", "span_start", "span_end", "top_k", "candidates_k")
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": description} for code, description in (
+        (400, "unreadable body"), (401, "bearer token missing"), (403, "bearer token wrong"),
+        (413, "body, image or batch over the server's limits"), (415, "neither JSON nor multipart"),
+        (422, "invalid request (message says what)"), (504, "took longer than the server's time limit"))
+}
+_FORM_SCHEMA = {
+    "type": "object",
+    "required": ["sentence"],
+    "properties": {
+        "sentence": {"type": "string", "maxLength": MAX_SENTENCE_CHARS},
+        "mention": {"type": "string", "description": "mention text (or give span_start and span_end)"},
+        "span_start": {"type": "integer"},
+        "span_end": {"type": "integer"},
+        "top_k": {"type": "integer", "default": 10},
+        "candidates_k": {"type": "integer", "default": 100},
+        "image": {"type": "string", "format": "binary", "description": "optional mention image"},
+    },
+}
+_LINK_BODY_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": LinkRequest.model_json_schema()},
+    "multipart/form-data": {"schema": _FORM_SCHEMA},
+}}}
+
+router = APIRouter(tags=["link"], dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
+
+
+@router.post("/link", response_model=LinkResponse, openapi_extra=_LINK_BODY_DOC,
+             summary="Link one mention (JSON body, or multipart form with an image file)")
+async def link(request: Request, linker: LinkerDep, settings: SettingsDep) -> LinkResponse:
+    payload, image_bytes = await _read_link_request(request)
+    _check_ranking_limits(payload.top_k, payload.candidates_k, settings)
+    image_bytes = image_bytes if image_bytes is not None else _base64_image(payload.image_base64, settings)
+
+    def work() -> LinkResponse:
+        query = _mention_query(payload, _decoded_image(image_bytes, settings))
+        result = linker.link(query.sentence, mention=query.mention, span=query.span, image=query.image,
+                             top_k=payload.top_k, candidates_k=payload.candidates_k)
+        return link_response(result, linker.entities([c.qid for c in result.candidates]))
+
+    return await run_with_timeout(work, settings.request_timeout_s)
+
+
+@router.post("/link/batch", response_model=LinkBatchResponse, summary="Link several mentions in one call")
+async def link_batch(payload: LinkBatchRequest, linker: LinkerDep, settings: SettingsDep) -> LinkBatchResponse:
+    if len(payload.queries) > settings.max_batch:
+        raise HTTPException(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"batch of {len(payload.queries)} queries is over this server's limit of "
+                            f"{settings.max_batch}; split it")
+    _check_ranking_limits(payload.top_k, payload.candidates_k, settings)
+    images = [_base64_image(query.image_base64, settings) for query in payload.queries]
+
+    def work() -> LinkBatchResponse:
+        queries = [_mention_query(query, _decoded_image(data, settings))
+                   for query, data in zip(payload.queries, images, strict=True)]
+        results = linker.link_batch(queries, top_k=payload.top_k, candidates_k=payload.candidates_k)
+        entities = linker.entities([c.qid for result in results for c in result.candidates])
+        return LinkBatchResponse(results=[link_response(result, entities) for result in results])
+
+    return await run_with_timeout(work, settings.request_timeout_s)
+
+
+async def _read_link_request(request: Request) -> tuple[LinkRequest, bytes | None]:
+    """The validated request and the raw bytes of an uploaded image (multipart only)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            return LinkRequest.model_validate_json(await request.body()), None
+        except ValidationError as error:
+            raise RequestValidationError(error.errors()) from None
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _read_link_form(request)
+    raise HTTPException(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json or a form (multipart/form-data), "
+                        f"not {content_type or 'no content type'!r}")
+
+
+async def _read_link_form(request: Request) -> tuple[LinkRequest, bytes | None]:
+    form = await request.form(max_files=1, max_fields=len(FORM_FIELDS), max_part_size=4 * MAX_SENTENCE_CHARS)
+    values: dict[str, Any] = {}
+    upload: UploadFile | None = None
+    for key, value in form.multi_items():
+        if key == "image" and not isinstance(value, str):
+            upload = value
+        elif key not in FORM_FIELDS or not isinstance(value, str):
+            raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY,
+                                f"unexpected form field {key!r}; expected {', '.join(FORM_FIELDS)} and 'image'")
+        else:
+            values[key] = value
+    start, end = values.pop("span_start", None), values.pop("span_end", None)
+    if (start is None) != (end is None):
+        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, "give both span_start and span_end, or neither")
+    if start is not None:
+        values["span"] = (start, end)
+    try:
+        payload = LinkRequest.model_validate(values)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    image = await upload.read() if upload is not None else None
+    return payload, image or None
+
+
+def _check_ranking_limits(top_k: int, candidates_k: int, settings: ServerSettings) -> None:
+    if top_k > settings.max_top_k:
+        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY,
+                            f"top_k {top_k} is over this server's limit of {settings.max_top_k}")
+    if candidates_k > settings.max_candidates_k:
+        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY,
+                            f"candidates_k {candidates_k} is over this server's limit of {settings.max_candidates_k}")
+
+
+def _base64_image(encoded: str | None, settings: ServerSettings) -> bytes | None:
+    if encoded is None:
+        return None
+    if len(encoded) > 4 * (settings.max_image_bytes // 3 + 1) + 4:
+        raise _image_too_large(f"more than {settings.max_image_bytes} bytes once decoded")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, f"image_base64 is not valid base64: {error}") from None
+
+
+def _decoded_image(data: bytes | None, settings: ServerSettings) -> Image.Image | None:
+    """Decode an uploaded image within the server's byte and pixel limits (413 when over, 422 when broken)."""
+    if data is None:
+        return None
+    if len(data) > settings.max_image_bytes:
+        raise _image_too_large(f"{len(data)} bytes, the limit is {settings.max_image_bytes}")
+    try:
+        return decode_image(data, max_pixels=settings.max_image_pixels)
+    except ImageTooLargeError as error:
+        raise _image_too_large(str(error)) from None
+    except ValueError as error:
+        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, f"the image cannot be used: {error}") from None
+
+
+def _image_too_large(reason: str) -> HTTPException:
+    return HTTPException(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image too large: {reason}")
+
+
+def _mention_query(query: LinkQuery, image: Image.Image | None) -> MentionQuery:
+    return MentionQuery(sentence=query.sentence, mention=query.mention, span=query.span, image=image)

@@ -1,0 +1,26 @@
+"""Server settings: where to listen, who may call, and how much one request may ask for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServerSettings(BaseModel):
+    """Everything `create_app` needs. Defaults are safe for a laptop: localhost only, modest limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index_dir: Path
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    token: str | None = Field(default=None, min_length=8,
+                              description="bearer token required on /link and /entities when set")
+    max_body_bytes: int = Field(default=12 * 1024 * 1024, gt=0)
+    max_image_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=25_000_000, gt=0)
+    max_batch: int = Field(default=64, gt=0)
+    max_top_k: int = Field(default=100, gt=0)
+    max_candidates_k: int = Field(default=1000, gt=0)
+    request_timeout_s: float = Field(default=30.0, gt=0)

@@ -1,0 +1,298 @@
+"""Training and validation batches for any MelModel: B mentions with their B gold entities.
+
+Inputs come from a table with `gather(rows)`: a `FeatureTable` (frozen backbone, the feature
+store) or an `ItemTable` (texts and images, encoded on the fly by a trainable backbone). A
+training batch pairs B mentions with the KB rows of their gold entities; the other B - 1 gold
+entities are the negatives (in-batch negatives, models.md §1.7). NIL mentions and mentions whose
+gold entity is not in the KB cannot be trained or ranked: they are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mmel.core.features import FeatureBatch
+from mmel.core.images import ImageReport, load_image
+from mmel.core.types import Dataset
+from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW, gold_rows_for
+from mmel.features.templates import TextTemplate
+from mmel.training.recipe import DataSection, ValidationSection
+
+logger = logging.getLogger(__name__)
+
+
+# --- inputs: features, or items to encode ------------------------------------------------------
+
+
+@dataclass
+class ItemBatch:
+    """Raw inputs of B items for a trainable backbone: rendered texts and images (None = no image)."""
+
+    texts: list[str]
+    images: list[Image.Image | None]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def to(self, device: torch.device | str) -> ItemBatch:
+        return self  # the backbone moves what it encodes
+
+
+ModelInput = FeatureBatch | ItemBatch
+
+
+class InputTable(Protocol):
+    """Rows of a KB or a split, gathered into a model input (`FeatureTable` or `ItemTable`)."""
+
+    def __len__(self) -> int: ...
+
+    def gather(self, rows: Sequence[int] | np.ndarray) -> ModelInput: ...
+
+
+class ItemTable:
+    """Texts and image paths of a KB (row order) or a split (file order), loaded when gathered.
+
+    Entities have several images: evaluation uses the first, training a random one (§1.1), chosen
+    by `image_choice`. Unusable image files become "no image" and are counted in `image_report`
+    (in the process that loads them: with DataLoader workers, each worker counts its own).
+    """
+
+    def __init__(self, texts: list[str], image_options: list[tuple[str, ...]], root: Path, *,
+                 image_choice: str = "first"):
+        if image_choice not in ("first", "random"):
+            raise ValueError(f"image_choice must be 'first' or 'random', got {image_choice!r}")
+        if len(texts) != len(image_options):
+            raise ValueError(f"{len(texts)} texts but {len(image_options)} image lists")
+        self.texts = texts
+        self.image_options = image_options
+        self.root = Path(root)
+        self.image_choice = image_choice
+        self.image_report = ImageReport()
+
+    @classmethod
+    def for_kb(cls, dataset: Dataset, template: TextTemplate, *, image_choice: str = "first") -> ItemTable:
+        return cls([template.entity_text(entity) for entity in dataset.kb],
+                   [tuple(entity.images) for entity in dataset.kb], dataset.root, image_choice=image_choice)
+
+    @classmethod
+    def for_split(cls, dataset: Dataset, split: str, template: TextTemplate) -> ItemTable:
+        mentions = dataset.split(split)
+        return cls([template.mention_text(mention) for mention in mentions],
+                   [(mention.image,) if mention.image else () for mention in mentions], dataset.root)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def gather(self, rows: Sequence[int] | np.ndarray) -> ItemBatch:
+        rows = [int(row) for row in rows]
+        return ItemBatch(texts=[self.texts[row] for row in rows], images=[self._image(row) for row in rows])
+
+    def _image(self, row: int) -> Image.Image | None:
+        options = self.image_options[row]
+        if not options:
+            return None
+        chosen = random.choice(options) if self.image_choice == "random" else options[0]
+        return load_image(self.root, chosen, self.image_report)
+
+
+# --- splits and batches ------------------------------------------------------------------------
+
+
+@dataclass
+class LinkedSplit:
+    """One split's inputs with the KB row of each mention's gold entity (NIL_ROW / MISSING_GOLD_ROW if none)."""
+
+    name: str
+    table: InputTable
+    gold_rows: np.ndarray  # [M] int64
+
+    def __post_init__(self) -> None:
+        self.gold_rows = np.asarray(self.gold_rows, dtype=np.int64)
+        if len(self.gold_rows) != len(self.table):
+            raise ValueError(f"split {self.name!r}: {len(self.gold_rows)} gold rows for {len(self.table)} mentions")
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, split: str, table: InputTable) -> LinkedSplit:
+        return cls(split, table, gold_rows_for(dataset.split(split), dataset.kb))
+
+    def counts(self, rows: np.ndarray | None = None) -> dict[str, int]:
+        gold = self.gold_rows if rows is None else self.gold_rows[rows]
+        return {"mentions": len(gold), "nil": int((gold == NIL_ROW).sum()),
+                "gold_not_in_kb": int((gold == MISSING_GOLD_ROW).sum()), "usable": int((gold >= 0).sum())}
+
+
+@dataclass
+class TrainBatch:
+    mentions: ModelInput      # B mentions
+    entities: ModelInput      # their B gold entities in the same order (labels = arange(B)), then any hard negatives
+    entity_ids: torch.Tensor  # [N] int64 KB row of each entity column (tells duplicates apart)
+
+    def __len__(self) -> int:
+        return len(self.mentions)
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(self.mentions.to(device), self.entities.to(device), self.entity_ids.to(device))
+
+
+@dataclass
+class DevBatch:
+    mentions: ModelInput      # b mentions
+    gold_rows: np.ndarray     # [b] int64 KB rows of their gold entities
+
+    def to(self, device: torch.device | str) -> DevBatch:
+        return DevBatch(self.mentions.to(device), self.gold_rows)
+
+
+@dataclass
+class DataCounts:
+    """What the data module used and skipped; written to the run summary and the model card."""
+
+    train: dict[str, int] = field(default_factory=dict)
+    dev: dict[str, int] = field(default_factory=dict)
+
+
+class MelDataModule(L.LightningDataModule):
+    """Batches of (mentions, gold entities) for training and dev mention batches for full-KB ranking.
+
+    `train_fraction` keeps the first fraction of the training file, in file order, as the MIMIC
+    authors built their low-resource subsets (§1.10). The dev subset (`validation.max_mentions`)
+    is drawn once with its own seed, so every validation run ranks the same mentions.
+    """
+
+    def __init__(self, entities: InputTable, train: LinkedSplit, dev: LinkedSplit | None, *,
+                 data: DataSection | None = None, validation: ValidationSection | None = None,
+                 train_entities: InputTable | None = None):
+        super().__init__()
+        self.entities = entities
+        self.train_entities = train_entities if train_entities is not None else entities
+        self.train_split = train
+        self.dev_split = dev
+        self.data_config = data or DataSection()
+        self.validation_config = validation or ValidationSection()
+        _check_fraction(self.data_config.train_fraction)
+        if not 0 <= self.data_config.hard_negatives <= self.data_config.hard_negative_pool:
+            raise ValueError(f"data.hard_negatives must be between 0 and data.hard_negative_pool "
+                             f"({self.data_config.hard_negative_pool}), got {self.data_config.hard_negatives}")
+        self.train_rows = np.zeros(0, dtype=np.int64)
+        self.dev_rows = np.zeros(0, dtype=np.int64)
+        self.hard_negative_pools: np.ndarray | None = None   # [M_train, pool] KB rows per train-file row
+        self.counts = DataCounts()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_rows, self.counts.train = self._select_train_rows()
+        if self.dev_split is not None:
+            self.dev_rows, self.counts.dev = self._select_dev_rows(self.dev_split)
+        if self.data_config.hard_negatives > 0 and self.hard_negative_pools is None:
+            self.hard_negative_pools = self._mine_hard_negative_pools()
+
+    def _mine_hard_negative_pools(self) -> np.ndarray:
+        """[M_train, pool] the KB rows nearest to each train mention by global text vector (gold excluded)."""
+        tables = (self.train_split.table, self.train_entities)
+        if not all(hasattr(table, "text_global_matrix") for table in tables):
+            raise ValueError("data.hard_negatives needs features from the store (text_global_matrix); "
+                             "set it to 0 when the backbone is trained end to end")
+        return nearest_entities(self.train_split.table.text_global_matrix(), self.train_entities.text_global_matrix(),
+                                self.train_split.gold_rows, self.data_config.hard_negative_pool)
+
+    def _select_train_rows(self) -> tuple[np.ndarray, dict[str, int]]:
+        split = self.train_split
+        kept = int(len(split.gold_rows) * self.data_config.train_fraction)
+        prefix = np.arange(kept)
+        counts = {"in_file": len(split.gold_rows), **split.counts(prefix)}
+        _warn_skipped(split.name, counts)
+        rows = prefix[split.gold_rows[prefix] >= 0]
+        if len(rows) == 0:
+            raise ValueError(f"split {split.name!r} has no mention with a gold entity in the KB to train on "
+                             f"({counts})")
+        return rows, counts
+
+    def _select_dev_rows(self, split: LinkedSplit) -> tuple[np.ndarray, dict[str, int]]:
+        counts = split.counts()
+        _warn_skipped(split.name, counts)
+        usable = np.flatnonzero(split.gold_rows >= 0)
+        limit = self.validation_config.max_mentions
+        if 0 < limit < len(usable):
+            generator = np.random.default_rng(self.validation_config.subset_seed)
+            usable = np.sort(generator.choice(usable, size=limit, replace=False))
+        return usable, {**counts, "ranked": len(usable)}
+
+    def train_dataloader(self) -> DataLoader:
+        workers = self.data_config.num_workers
+        return DataLoader(self.train_rows.tolist(), batch_size=self.data_config.batch_size, shuffle=True,
+                          collate_fn=self.collate_train, num_workers=workers, persistent_workers=workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.dev_split is None:
+            return []
+        return DataLoader(self.dev_rows.tolist(), batch_size=self.validation_config.mention_batch_size,
+                          shuffle=False, collate_fn=self.collate_dev, num_workers=self.data_config.num_workers)
+
+    def transfer_batch_to_device(self, batch: TrainBatch | DevBatch, device: torch.device,
+                                 dataloader_idx: int) -> TrainBatch | DevBatch:
+        return batch.to(device)
+
+    def collate_train(self, rows: list[int]) -> TrainBatch:
+        columns = self.train_split.gold_rows[rows]
+        if self.hard_negative_pools is not None:
+            pools = self.hard_negative_pools[rows]                                          # [B, pool]
+            picks = torch.rand(pools.shape).argsort(dim=1)[:, :self.data_config.hard_negatives].numpy()
+            columns = np.concatenate([columns, np.take_along_axis(pools, picks, axis=1).ravel()])
+        return TrainBatch(mentions=self.train_split.table.gather(rows), entities=self.train_entities.gather(columns),
+                          entity_ids=torch.from_numpy(columns))
+
+    def collate_dev(self, rows: list[int]) -> DevBatch:
+        split = self.dev_split
+        if split is None:
+            raise RuntimeError("this data module has no dev split to collate")
+        return DevBatch(mentions=split.table.gather(rows), gold_rows=split.gold_rows[rows])
+
+
+def nearest_entities(mention_vectors: np.ndarray, entity_vectors: np.ndarray, gold_rows: np.ndarray, pool: int,
+                     *, block_size: int = 1024) -> np.ndarray:
+    """[M, pool] entity rows with the highest cosine to each mention, best first, its gold row excluded."""
+    entities = _unit_rows(entity_vectors)                                               # [N, D]
+    pool = min(pool, len(entities) - 1)
+    if pool < 1:
+        raise ValueError("hard negatives need a knowledge base of at least two entities")
+    result = np.empty((len(mention_vectors), pool), dtype=np.int64)
+    for start in range(0, len(mention_vectors), block_size):
+        stop = min(start + block_size, len(mention_vectors))
+        scores = _unit_rows(mention_vectors[start:stop]) @ entities.T                  # [b, N]
+        gold = gold_rows[start:stop]
+        has_gold = gold >= 0
+        scores[np.flatnonzero(has_gold), gold[has_gold]] = -np.inf
+        best = np.argpartition(-scores, pool - 1, axis=1)[:, :pool]                     # [b, pool], unordered
+        order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
+        result[start:stop] = np.take_along_axis(best, order, axis=1)
+    return result
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(vectors, dtype=np.float32)
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction}")
+
+
+def _warn_skipped(split: str, counts: dict[str, int]) -> None:
+    if counts["nil"] or counts["gold_not_in_kb"]:
+        logger.warning("split %s: skipping %d NIL mentions and %d whose gold entity is not in the KB (of %d)",
+                       split, counts["nil"], counts["gold_not_in_kb"], counts["mentions"])
+
+
+__all__ = ["DataCounts", "DevBatch", "InputTable", "ItemBatch", "ItemTable", "LinkedSplit", "MelDataModule",
+           "ModelInput", "TrainBatch"]

@@ -1,0 +1,149 @@
+"""MelSystem: the LightningModule that trains any MelModel; the model itself stays a plain nn.Module.
+
+Two ways to get features, one system:
+- frozen backbone: batches carry `FeatureBatch`es read from the feature store, only the model trains;
+- end to end (the paper's recipe, models.md §1.2): batches carry texts and images (`ItemBatch`),
+  which `BackboneEncoder` turns into features with gradients, so the backbone trains with the model.
+
+Validation is the release's protocol (§1.9): encode the whole KB once per validation run (the
+entity-side cache of the model), then rank each dev mention against every entity and log dev
+MRR and Hits@k (`val/mrr`, `val/hits@1`, ...), with ties counted against the gold entity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmel.backbones.base import Backbone
+from mmel.core.features import FeatureBatch
+from mmel.evaluation import rank_full_kb, ranking_metrics, ranks_from_counts
+from mmel.features.store import encode_items
+from mmel.models.base import MelModel
+from mmel.training.datamodule import DevBatch, InputTable, ItemBatch, ModelInput, TrainBatch
+from mmel.training.recipe import OptimizerSection, ValidationSection
+
+MONITOR = "val/mrr"
+
+
+class BackboneEncoder(nn.Module):
+    """A trainable backbone as a feature function: ItemBatch -> FeatureBatch, with gradients.
+
+    It makes the same calls as the feature store (`mmel.features.store.encode_items`), so a frozen
+    run and an end-to-end run see identical features for identical inputs; rows without an image
+    get the backbone's encoding of the all-zero pixel tensor, as in the release (§1.1).
+    """
+
+    def __init__(self, backbone: Backbone, max_text_length: int):
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone {getattr(backbone, 'name', backbone)!r} is not an nn.Module, so it cannot be "
+                            "fine-tuned; train it frozen from the feature store instead")
+        self.backbone = backbone
+        self.max_text_length = max_text_length
+
+    def forward(self, items: ItemBatch) -> FeatureBatch:
+        return encode_items(self.backbone, items.texts, items.images, max_text_length=self.max_text_length,
+                            batch_size=max(len(items), 1))
+
+
+class MelSystem(L.LightningModule):
+    """Unit-consistency training (§1.7) and full-KB dev ranking (§1.9) for any MelModel.
+
+    The model's entity cache must offer `select(rows)` and `type(cache).concat(caches)`, so the
+    KB is encoded in batches and scored in chunks.
+    """
+
+    def __init__(self, model: MelModel, optimizer: OptimizerSection | None = None, *,
+                 validation: ValidationSection | None = None, encoder: BackboneEncoder | None = None,
+                 progress: bool = True):
+        super().__init__()
+        self.model = model
+        self.encoder = encoder
+        self.optimizer_config = optimizer or OptimizerSection()
+        self.validation_config = validation or ValidationSection()
+        self.progress = progress
+        self._entity_cache: Any = None
+        self._rank_counts: list[tuple[np.ndarray, np.ndarray]] = []
+
+    # --- features -------------------------------------------------------------------------------
+    def featurize(self, inputs: ModelInput) -> FeatureBatch:
+        if isinstance(inputs, FeatureBatch):
+            return inputs
+        if self.encoder is None:
+            raise TypeError("this system has no backbone to encode raw items; give it FeatureBatch inputs "
+                            "or an encoder (BackboneEncoder)")
+        return self.encoder(inputs)
+
+    # --- training -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Backbones load in eval mode; training mode is what the release trains in (Lightning's model.train())."""
+        self.train()
+
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
+        mentions, entities = self.featurize(batch.mentions), self.featurize(batch.entities)
+        labels = torch.arange(len(batch), device=batch.entity_ids.device)  # gold entity i is column i (§1.7)
+        output = self.model(mentions, entities, labels=labels, entity_ids=batch.entity_ids)
+        size = len(batch)
+        self.log("train/loss", output.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
+        for unit, value in output.unit_losses.items():
+            self.log(f"train/loss_{unit}", value, on_step=False, on_epoch=True, batch_size=size)
+        return output.loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW (§1.8); names containing a `no_decay` substring get weight decay 0."""
+        config = self.optimizer_config
+        decay, no_decay = [], []
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                (no_decay if any(part in name for part in config.no_decay) else decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+    # --- validation: full-KB ranking ----------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._entity_cache = self.encode_table(self.trainer.datamodule.entities)
+        self._rank_counts = []
+
+    @torch.no_grad()
+    def encode_table(self, table: InputTable) -> Any:
+        """The model's entity cache for every row of `table`, encoded in batches."""
+        size = self.validation_config.entity_batch_size
+        caches = []
+        for start in tqdm(range(0, len(table), size), desc="encoding KB", unit="batch", leave=False,
+                          disable=not self.progress):
+            rows = np.arange(start, min(start + size, len(table)))
+            features = self.featurize(table.gather(rows).to(self.device))
+            caches.append(self.model.encode_entities(features))
+        return type(caches[0]).concat(caches)
+
+    def validation_step(self, batch: DevBatch, batch_idx: int) -> None:
+        mention_cache = self.model.encode_mentions(self.featurize(batch.mentions))
+        entity_cache = self._entity_cache
+
+        def score_block(rows: np.ndarray, start: int, stop: int) -> torch.Tensor:
+            selected = mention_cache.select(torch.as_tensor(rows, device=self.device))
+            return self.model.match(selected, entity_cache.select(slice(start, stop))).scores  # [b, n]
+
+        result = rank_full_kb(score_block, batch.gold_rows, len(entity_cache), mention_batch_size=len(batch.gold_rows),
+                              entity_chunk_size=self.validation_config.entity_chunk_size, progress=False)
+        self._rank_counts.append((result.num_greater, result.num_tied))
+
+    def on_validation_epoch_end(self) -> None:
+        self._entity_cache = None
+        if not self._rank_counts:
+            return
+        greater = np.concatenate([counts[0] for counts in self._rank_counts])
+        tied = np.concatenate([counts[1] for counts in self._rank_counts])
+        metrics = ranking_metrics(ranks_from_counts(greater, tied))
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("mrr", "hits@1"), batch_size=len(greater))
+
+
+__all__ = ["MONITOR", "BackboneEncoder", "MelSystem"]

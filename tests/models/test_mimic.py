@@ -1,0 +1,274 @@
+"""MIMIC: equivalence with a plain reference written from models.md §1, loss, options and persistence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmel.core.config import ConfigError
+from mmel.core.errors import MismatchError
+from mmel.core.features import FeatureBatch
+from mmel.models import load_model
+from mmel.models.mimic import MIMICConfig, MIMICModel
+
+CLIP_DIMS = {"text_dim": 512, "image_global_dim": 512, "image_patch_dim": 768}
+OFFLINE_DIMS = {"text_dim": 384, "image_global_dim": 1280, "image_patch_dim": 1280}
+RELEASE = {"mask_missing_images": False, "exclude_duplicate_negatives": False}
+
+
+def random_features(count: int, dims: dict[str, int], *, length: int = 40, patches: int = 50, seed: int = 0,
+                    has_image: list[bool] | None = None, dtype: torch.dtype = torch.float32) -> FeatureBatch:
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    return FeatureBatch(
+        text_global=draw(count, dims["text_dim"]),
+        text_tokens=draw(count, length, dims["text_dim"]),
+        text_mask=torch.ones(count, length, dtype=torch.bool),
+        image_global=draw(count, dims["image_global_dim"]),
+        image_patches=draw(count, patches, dims["image_patch_dim"]),
+        has_image=torch.tensor(has_image if has_image is not None else [True] * count),
+    )
+
+
+def randomised_model(dims: dict[str, int], *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     **options: bool) -> MIMICModel:
+    """A model whose every parameter (LayerNorms included) is random, so no term hides behind an identity."""
+    torch.manual_seed(seed)
+    model = MIMICModel(MIMICConfig(**dims, **options)).to(dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.2)
+    return model
+
+
+# --- a plain reference, written directly from the equations of models.md §1.3-1.7 ---------------
+
+
+def reference_mimic(weights: dict[str, torch.Tensor], mentions: FeatureBatch, entities: FeatureBatch
+                    ) -> dict[str, torch.Tensor]:
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        return x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
+
+    def layer_norm(x: torch.Tensor, name: str) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        variance = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(variance + 1e-5) * weights[f"{name}.weight"] + weights[f"{name}.bias"]
+
+    def prenormalised(batch: FeatureBatch) -> tuple[torch.Tensor, ...]:
+        t_cls = layer_norm(batch.text_global, "text_cls_layernorm")
+        t_tok = layer_norm(batch.text_tokens, "text_tokens_layernorm")
+        v_cls = layer_norm(linear(batch.image_global, "image_cls_fc"), "image_cls_layernorm")
+        v_tok = layer_norm(linear(batch.image_patches, "image_tokens_fc"), "image_tokens_layernorm")
+        return t_cls, t_tok, v_cls, v_tok
+
+    t_cls_m, t_tok_m, v_cls_m, v_tok_m = prenormalised(mentions)
+    t_cls_e, t_tok_e, v_cls_e, v_tok_e = prenormalised(entities)
+    num_mentions, num_entities = len(mentions), len(entities)
+
+    # TGLU (§1.4), one (entity, mention) pair at a time
+    s_g2l = torch.zeros(num_mentions, num_entities, dtype=t_cls_m.dtype)
+    for n in range(num_entities):
+        query = linear(t_tok_e[n], "tglu.fc_query")
+        for b in range(num_mentions):
+            key, value = linear(t_tok_m[b], "tglu.fc_key"), linear(t_tok_m[b], "tglu.fc_value")
+            attention = torch.softmax(query @ key.T / math.sqrt(96), dim=-1)
+            context = layer_norm((attention @ value).mean(dim=0), "tglu.layer_norm")
+            s_g2l[b, n] = linear(t_cls_e[n], "tglu.fc_cls") @ context
+    s_g2g = t_cls_m @ t_cls_e.T
+    s_t = (s_g2l + s_g2g) / 2
+
+    # VDLU (§1.5)
+    def dual(block: str, query_cls: torch.Tensor, key_cls: torch.Tensor, value_tokens: torch.Tensor) -> torch.Tensor:
+        q = linear(query_cls, f"{block}.cls_fc")
+        k = linear(key_cls, f"{block}.cls_fc")
+        v = linear(value_tokens, f"{block}.tokens_fc").mean(dim=1)
+        c = linear(layer_norm(v[None, :, :] + q[:, None, :], f"{block}.add_layer_norm"), f"{block}.fc")
+        g = torch.tanh(linear(c, f"{block}.gate_fc"))
+        h = layer_norm(c * g + k[None], f"{block}.layer_norm")
+        return (h * layer_norm(q, f"{block}.layer_norm")[:, None, :]).sum(-1)
+
+    s_e2m = dual("vdlu.dual_ent2men", v_cls_e, v_cls_m, v_tok_m)
+    s_m2e = dual("vdlu.dual_men2ent", v_cls_m, v_cls_e, v_tok_e)
+    s_v = (s_e2m.T + s_m2e) / 2
+
+    # CMFU (§1.6)
+    def fused(t_cls: torch.Tensor, v_tok: torch.Tensor) -> torch.Tensor:
+        u = linear(t_cls, "cmfu.text_fc")
+        p = linear(v_tok, "cmfu.image_fc")
+        att = torch.softmax(u[:, None, :] @ p.transpose(1, 2), dim=-1)
+        ctx = (att @ p).squeeze(1)
+        return layer_norm(u * torch.tanh(linear(u, "cmfu.gate_fc")) + ctx, "cmfu.gate_layer_norm")
+
+    s_c = fused(t_cls_m, v_tok_m) @ fused(t_cls_e, v_tok_e).T
+    return {"scores": (s_t + s_v + s_c) / 3, "tglu": s_t, "vdlu": s_v, "cmfu": s_c}
+
+
+def reference_loss(scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    labels = torch.arange(scores["scores"].shape[0])
+    return sum(F.cross_entropy(scores[name], labels) for name in ("scores", "tglu", "vdlu", "cmfu"))
+
+
+@pytest.mark.parametrize(("dims", "patches"), [(CLIP_DIMS, 50), (OFFLINE_DIMS, 49)], ids=["clip", "offline"])
+def test_scores_and_loss_equal_the_spec_reference(dims: dict[str, int], patches: int) -> None:
+    model = randomised_model(dims, dtype=torch.float64, **RELEASE)
+    mentions = random_features(4, dims, patches=patches, seed=1, dtype=torch.float64)
+    entities = random_features(4, dims, patches=patches, seed=2, dtype=torch.float64)
+    expected = reference_mimic(model.state_dict(), mentions, entities)
+    with torch.no_grad():
+        output = model(mentions, entities, labels=torch.arange(4))
+    torch.testing.assert_close(output.scores, expected["scores"], atol=1e-5, rtol=1e-5)
+    for unit in ("tglu", "vdlu", "cmfu"):
+        torch.testing.assert_close(output.unit_scores[unit], expected[unit], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output.loss, reference_loss(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_rectangular_scores_equal_the_reference_in_float32() -> None:
+    model = randomised_model(CLIP_DIMS, **RELEASE)
+    mentions, entities = random_features(3, CLIP_DIMS, seed=3), random_features(7, CLIP_DIMS, seed=4)
+    expected = reference_mimic(model.state_dict(), mentions, entities)
+    with torch.no_grad():
+        output = model(mentions, entities)
+    assert output.scores.shape == (3, 7) and output.loss is None
+    torch.testing.assert_close(output.scores, expected["scores"], atol=1e-3, rtol=1e-4)
+
+
+def test_head_parameter_count_with_clip_widths_is_the_release_count() -> None:
+    model = MIMICModel(MIMICConfig())
+    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("tglu", "vdlu", "cmfu")}
+    assert sum(p.numel() for p in model.parameters()) == 438_563
+    assert counts == {"tglu": 197_184, "vdlu": 56_834, "cmfu": 59_041}
+
+
+def test_chunked_and_cached_matching_equals_one_pass() -> None:
+    model = randomised_model(OFFLINE_DIMS).eval()
+    mentions, entities = random_features(3, OFFLINE_DIMS, seed=5), random_features(11, OFFLINE_DIMS, seed=6)
+    with torch.no_grad():
+        whole = model(mentions, entities)
+        entity_cache = model.encode_entities(entities)
+        rejoined = type(entity_cache).concat([entity_cache.select(slice(0, 4)), entity_cache.select(slice(4, 11))])
+        model.max_pair_elements = 3 * 40 * 40 * 2  # forces chunks of two entities
+        chunked = model.match(model.encode_mentions(mentions), rejoined)
+    torch.testing.assert_close(chunked.scores, whole.scores)
+    for unit in whole.unit_scores:
+        torch.testing.assert_close(chunked.unit_scores[unit], whole.unit_scores[unit])
+
+
+def test_loss_decreases_over_a_few_steps() -> None:
+    model = randomised_model(CLIP_DIMS, seed=7)
+    mentions, entities = random_features(8, CLIP_DIMS, seed=8), random_features(8, CLIP_DIMS, seed=9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(mentions, entities, labels=torch.arange(8)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_masking_removes_every_influence_of_blank_images() -> None:
+    model = randomised_model(CLIP_DIMS, mask_missing_images=True).eval()
+    mention_images, entity_images = [True, False, True], [False, True, True, False, True]
+    mentions = random_features(3, CLIP_DIMS, seed=10, has_image=mention_images)
+    entities = random_features(5, CLIP_DIMS, seed=11, has_image=entity_images)
+    other_mentions = random_features(3, CLIP_DIMS, seed=12, has_image=mention_images)
+    other_entities = random_features(5, CLIP_DIMS, seed=13, has_image=entity_images)
+    pairs = ((mentions, other_mentions, mention_images), (entities, other_entities, entity_images))
+    for batch, other, present in pairs:  # same texts and real images; only the blank rows' image features differ
+        real = torch.tensor(present)
+        other.text_global, other.text_tokens = batch.text_global, batch.text_tokens
+        other.image_global[real], other.image_patches[real] = batch.image_global[real], batch.image_patches[real]
+    with torch.no_grad():
+        first, second = model(mentions, entities), model(other_mentions, other_entities)
+    torch.testing.assert_close(first.scores, second.scores, atol=0, rtol=0)
+    for unit in ("tglu", "vdlu", "cmfu"):
+        torch.testing.assert_close(first.unit_scores[unit], second.unit_scores[unit], atol=0, rtol=0)
+    both = torch.tensor(mention_images)[:, None] & torch.tensor(entity_images)[None, :]
+    assert torch.all(first.unit_scores["vdlu"][~both] == 0)
+    expected = (first.unit_scores["tglu"] + first.unit_scores["cmfu"] + first.unit_scores["vdlu"]) / (2 + both.double())
+    torch.testing.assert_close(first.scores, expected.float())
+
+
+def test_without_masking_blank_images_do_change_scores() -> None:
+    model = randomised_model(CLIP_DIMS, **RELEASE).eval()
+    mentions = random_features(2, CLIP_DIMS, seed=14, has_image=[False, False])
+    entities = random_features(3, CLIP_DIMS, seed=15)
+    with torch.no_grad():
+        before = model(mentions, entities).scores
+        mentions.image_patches += 1.0
+        after = model(mentions, entities).scores
+    assert not torch.allclose(before, after)
+
+
+def test_visual_loss_only_counts_rows_with_both_images() -> None:
+    model = randomised_model(CLIP_DIMS, mask_missing_images=True)
+    mentions = random_features(4, CLIP_DIMS, seed=16, has_image=[False] * 4)
+    entities = random_features(4, CLIP_DIMS, seed=17)
+    output = model(mentions, entities, labels=torch.arange(4))
+    assert output.unit_losses["vdlu"].item() == 0.0
+    output.loss.backward()
+    assert all(p.grad is not None for p in model.tglu.parameters())
+
+    mentions.has_image = torch.tensor([True, True, False, True])
+    entities.has_image = torch.tensor([True, False, True, True])
+    output = model(mentions, entities, labels=torch.arange(4))
+    usable = torch.tensor([[True, False, True, True], [True, False, True, True]])
+    expected = F.cross_entropy(output.unit_scores["vdlu"][[0, 3]].masked_fill(~usable, float("-inf")),
+                               torch.tensor([0, 3]))
+    torch.testing.assert_close(output.unit_losses["vdlu"], expected)
+
+
+def test_duplicate_gold_entities_are_not_negatives() -> None:
+    model = randomised_model(CLIP_DIMS, mask_missing_images=False, exclude_duplicate_negatives=True)
+    mentions, entities = random_features(4, CLIP_DIMS, seed=18), random_features(4, CLIP_DIMS, seed=19)
+    entity_ids = torch.tensor([7, 3, 7, 5])  # columns 0 and 2 hold the same entity
+    output = model(mentions, entities, labels=torch.arange(4), entity_ids=entity_ids)
+    logits = output.scores.detach().clone()
+    logits[0, 2] = logits[2, 0] = float("-inf")
+    torch.testing.assert_close(output.unit_losses["overall"], F.cross_entropy(logits, torch.arange(4)))
+    release = MIMICModel(MIMICConfig(**CLIP_DIMS, **RELEASE))
+    release.load_state_dict(model.state_dict())
+    assert release(mentions, entities, labels=torch.arange(4), entity_ids=entity_ids).loss > output.loss
+    with pytest.raises(ValueError, match="entity_ids must have shape"):
+        model(mentions, entities, labels=torch.arange(4), entity_ids=torch.tensor([1, 2]))
+
+
+def test_save_and_load_round_trip_gives_identical_scores(tmp_path) -> None:
+    model = randomised_model(OFFLINE_DIMS, mask_missing_images=True, exclude_duplicate_negatives=False).eval()
+    mentions = random_features(2, OFFLINE_DIMS, seed=20, has_image=[True, False])
+    entities = random_features(3, OFFLINE_DIMS, seed=21)
+    model.save_pretrained(tmp_path / "ckpt", metadata={"backbone": {"name": "minilm_effnet"}}, card="# card\n")
+    loaded = load_model(tmp_path / "ckpt")
+    assert isinstance(loaded, MIMICModel) and loaded.config == model.config
+    assert loaded.checkpoint_header["backbone"] == {"name": "minilm_effnet"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(mentions, entities).scores, model(mentions, entities).scores, atol=0, rtol=0)
+
+
+def test_strict_loading_reports_missing_unexpected_and_misshaped_keys() -> None:
+    model = MIMICModel(MIMICConfig())
+    state = model.state_dict()
+    state.pop("tglu.fc_query.weight")
+    state["tglu.extra.weight"] = torch.zeros(1)
+    state["cmfu.text_fc.weight"] = torch.zeros(96, 384)
+    with pytest.raises(MismatchError) as error:
+        model.load_weights(state, source="ckpt")
+    message = str(error.value)
+    assert "tglu.fc_query.weight" in message and "tglu.extra.weight" in message and "(96, 384)" in message
+
+
+def test_features_of_the_wrong_width_and_bad_configs_are_refused() -> None:
+    model = MIMICModel(MIMICConfig())
+    with pytest.raises(MismatchError, match="expects"):
+        model.encode_entities(random_features(2, OFFLINE_DIMS))
+    with pytest.raises(ConfigError, match="hidden_dim"):
+        MIMICConfig(hidden_dim=0)
+    with pytest.raises(ConfigError, match="unknown MIMICConfig key"):
+        MIMICConfig.from_dict({"dropout": 0.1})

@@ -1,0 +1,71 @@
+"""EntityCacheStore: segments round-trip, newest row wins, and its guards fire."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mmel.core.errors import MismatchError
+from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
+
+
+@dataclass
+class ToyCache:
+    vector: torch.Tensor     # [N, 3]
+    tokens: torch.Tensor     # [N, 2, 4]
+    flag: torch.Tensor       # [N] bool
+
+    def __len__(self) -> int:
+        return self.vector.shape[0]
+
+
+def toy(values: list[float]) -> ToyCache:
+    count = len(values)
+    base = torch.tensor(values).view(count, 1)
+    return ToyCache(vector=base.repeat(1, 3), tokens=base.view(count, 1, 1).repeat(1, 2, 4),
+                    flag=torch.tensor([v > 1 for v in values]))
+
+
+def test_segments_round_trip_and_newest_row_wins(tmp_path):
+    layout = CacheLayout.of(toy([0.0]))
+    store = EntityCacheStore.create(tmp_path / "cache", layout, "float32")
+    store.write_segment(["a", "b"], [toy([1.0]), toy([2.0])], metadata={"images_root": "/one"})
+    store.write_segment(["b", "c"], [toy([5.0, 6.0])], metadata={"images_root": "/two"})
+    gathered = store.gather(["c", "a", "b"])
+    assert gathered.vector[:, 0].tolist() == [6.0, 1.0, 5.0]
+    assert gathered.tokens.shape == (3, 2, 4) and gathered.flag.tolist() == [True, False, True]
+    assert store.segment_metadata("b") == {"images_root": "/two"}
+    reopened = EntityCacheStore.open(tmp_path / "cache", layout, live_qids=["a", "c"])
+    assert len(reopened) == 2 and "b" not in reopened and reopened.stored_rows() == 4
+    assert reopened.gather(["a"]).vector[0, 0] == 1.0
+
+
+def test_float16_storage_rounds(tmp_path):
+    store = EntityCacheStore.create(tmp_path / "cache", CacheLayout.of(toy([0.0])), "float16")
+    store.write_segment(["a"], [toy([1.0001])])
+    assert store.gather(["a"]).vector.dtype == torch.float32
+    assert store.gather(["a"]).vector[0, 0].item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_guards(tmp_path):
+    with pytest.raises(MismatchError, match="not a dataclass"):
+        CacheLayout.of(torch.zeros(2, 3))
+    ragged = ToyCache(vector=torch.zeros(2, 3), tokens=torch.zeros(3, 2, 4), flag=torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(MismatchError, match="rows"):
+        CacheLayout.of(ragged)
+    layout = CacheLayout.of(toy([0.0]))
+    store = EntityCacheStore.create(tmp_path / "cache", layout, "float32")
+    with pytest.raises(ValueError, match="2 QIDs but 1 cached rows"):
+        store.write_segment(["a", "b"], [toy([1.0])])
+    store.write_segment(["a"], [toy([1.0])])
+    with pytest.raises(MismatchError, match="no cached rows"):
+        EntityCacheStore.open(tmp_path / "cache", layout, live_qids=["a", "z"])
+    other = CacheLayout.of(ToyCache(vector=torch.zeros(1, 5), tokens=torch.zeros(1, 2, 4), flag=torch.zeros(1) > 0))
+    with pytest.raises(MismatchError, match="does not fit"):
+        EntityCacheStore.open(tmp_path / "cache", other, live_qids=["a"])
+    with pytest.raises(KeyError, match="no cached rows"):
+        store.gather(["nope"])
+    with pytest.raises(ValueError, match="storage dtype"):
+        EntityCacheStore.create(tmp_path / "other", layout, "int8")

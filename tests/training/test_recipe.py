@@ -1,0 +1,60 @@
+"""Recipes: packaged YAML files load into typed sections; overrides are typed and checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmel.core.config import ConfigError
+from mmel.training.recipe import Recipe, available_recipes, load_recipe, save_recipe
+
+
+def test_every_packaged_recipe_loads() -> None:
+    names = available_recipes()
+    assert {"mimic-paper", "mimic-wikimel-cpu", "mimic-richpediamel-cpu", "mimic-synthetic-cpu"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.model.type == "mimic"
+
+
+def test_paper_recipe_has_the_published_hyper_parameters() -> None:
+    recipe = load_recipe("mimic-paper")
+    assert recipe.backbone.trainable and recipe.backbone.name == "clip" and recipe.backbone.max_text_length == 40
+    optimizer = recipe.optimizer
+    assert (optimizer.lr, optimizer.eps, optimizer.weight_decay, optimizer.betas) == (1e-5, 1e-4, 1e-4, (0.9, 0.999))
+    assert optimizer.no_decay == ("bias", "LayerNorm.bias", "LayerNorm.weight")
+    trainer = recipe.trainer
+    assert (trainer.max_epochs, trainer.check_val_every_n_epoch, trainer.early_stopping_patience, trainer.seed) == \
+        (20, 2, 3, 43)
+    assert recipe.data.batch_size == 128 and recipe.validation.max_mentions == 0
+
+
+def test_overrides_are_parsed_and_typed() -> None:
+    recipe = load_recipe("mimic-wikimel-cpu", ["trainer.max_epochs=3", "optimizer.lr=1e-3", "data.train_fraction=0.1",
+                                               "model.options.mask_missing_images=false", "backbone.path=/m/clip"])
+    assert recipe.trainer.max_epochs == 3 and recipe.optimizer.lr == 1e-3 and recipe.data.train_fraction == 0.1
+    assert recipe.model.options["mask_missing_images"] is False and recipe.backbone.path == "/m/clip"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("trainer.max_epoch=3", "unknown TrainerSection key"),
+    ("trainer.max_epochs=many", "must be an integer"),
+    ("optimizer.lr=fast", "must be a number"),
+    ("speed=3", "unknown Recipe key"),
+    ("trainer=3", "must be a mapping"),
+    ("trainer.max_epochs", "must look like section.key=value"),
+])
+def test_bad_overrides_are_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("mimic-wikimel-cpu", [override])
+
+
+def test_unknown_recipe_lists_the_available_ones_and_files_round_trip(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"available: .*mimic-paper"):
+        load_recipe("mimic-nowhere")
+    recipe = load_recipe("mimic-synthetic-cpu", ["trainer.seed=7"])
+    save_recipe(recipe, tmp_path / "run.yaml")
+    assert load_recipe(tmp_path / "run.yaml") == recipe
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_recipe(tmp_path / "bad.yaml")
+    assert Recipe.from_dict({}).trainer.max_epochs == 20
