@@ -15,6 +15,7 @@ from mmel.core.errors import MismatchError, PathEscapeError
 from mmel.core.features import FeatureBatch
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
 from mmel.features import build_features, describe_store, encode_items, get_template, list_views, open_features
+from mmel.features.store import resolve_image_batch_size
 
 
 def _build(dataset, backbone, store, **options):
@@ -206,3 +207,8 @@ def test_bad_options_are_refused(tiny_clip, dataset, tmp_path):
         _build(dataset, tiny_clip, tmp_path / "store", template="nope")
     with pytest.raises(IndexError, match="out of range"):
         _build(dataset, tiny_clip, tmp_path / "store").entities.gather([24])
+
+
+def test_image_batch_size_defaults_to_one_on_cpu(tiny_clip):
+    assert resolve_image_batch_size(tiny_clip, None, 64) == 1
+    assert resolve_image_batch_size(tiny_clip, 16, 64) == 16

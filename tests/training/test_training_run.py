@@ -56,7 +56,7 @@ def synthetic_datamodule(recipe, *, seed: int = 0) -> MelDataModule:
 
 
 def small_recipe(*overrides: str):
-    return load_recipe("mimic-synthetic-cpu", ["data.batch_size=16", "trainer.progress=false",
+    return load_recipe("mimic-synthetic-cpu", ["data.batch_size=16", "data.hard_negatives=0", "trainer.progress=false",
                                                "validation.max_mentions=20", "validation.entity_chunk_size=16",
                                                "validation.entity_batch_size=16", "model.options.hidden_dim=8",
                                                "trainer.log_every_n_steps=1", "trainer.check_val_every_n_epoch=1",

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mmel.core.errors import MmelError
+from mmel.cli.errors import exit_on_user_errors
 from mmel.core.paths import atomic_write_json
 from mmel.data import convert_dataset, load_dataset, validate_dataset
 from mmel.data.raw_release import (
@@ -36,14 +34,6 @@ class TargetFormat(str, Enum):
     mimic = "mimic"
 
 
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Bad data or files end the command with a one-line message and exit code 1, not a traceback."""
-    try:
-        yield
-    except (MmelError, OSError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -61,7 +51,7 @@ def prepare(
     images_dir = images if images is not None else default_images_dir(raw, name.value)
     report = PreparationReport(name.value)
     started = time.perf_counter()
-    with _one_line_errors():
+    with exit_on_user_errors():
         if name is RawRelease.wikimel:
             prepare_wikimel(raw, out, images_dir, report=report)
         else:
@@ -79,7 +69,7 @@ def validate(
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 when the report lists errors.")] = False,
 ) -> None:
     """Print a Markdown report of a dataset's counts and problems."""
-    with _one_line_errors():
+    with exit_on_user_errors():
         report = validate_dataset(load_dataset(path), decode_images=decode_images)
         if json_out is not None:
             atomic_write_json(json_out, report.to_dict())
@@ -96,6 +86,6 @@ def convert(
     prefix: Annotated[str, typer.Option("--prefix", help="MIMIC layout: mention file prefix.")] = "WIKIMEL",
 ) -> None:
     """Convert a dataset between the MIMIC layout and mmel's JSONL format."""
-    with _one_line_errors():
+    with exit_on_user_errors():
         convert_dataset(path, out, to.value, prefix=prefix)
     typer.echo(f"Wrote {out} ({to.value}).")

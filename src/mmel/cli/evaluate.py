@@ -19,7 +19,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split to rank.")] = "test",
     features: Annotated[Path | None, typer.Option(help="Feature store (needed by dense and trained models).")] = None,
     first_stage: Annotated[str | None, typer.Option(
-        help="Two-stage ranking: dense, bm25 or fusion picks the top K, the model reranks them.")] = None,
+        help="Two-stage ranking: dense, bm25 or hybrid picks the top K, the model reranks them.")] = None,
     candidates: Annotated[int, typer.Option(help="K for two-stage ranking.")] = 100,
     out: Annotated[Path | None, typer.Option(help="Directory for <name>.json and <name>.md.")] = None,
 ) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from mmel.backbones import load_backbone
-from mmel.cli.data import _one_line_errors
+from mmel.cli.errors import exit_on_user_errors
 from mmel.core.paths import atomic_write_json
 from mmel.data import load_dataset
 from mmel.features.templates import TEMPLATES
@@ -43,8 +43,8 @@ def build(
     max_length: Annotated[int, typer.Option(min=2, help="Max text tokens (the papers use 40).")] = 40,
     dtype: Annotated[StorageDtype, typer.Option(help="Storage precision.")] = StorageDtype.float16,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per encoder call.")] = 64,
-    image_batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder call (CPU: small is "
-                                                              "best).")] = 8,
+    image_batch_size: Annotated[int | None, typer.Option(min=1, help="Images per encoder call (default: 1 on "
+                                                                     "CPU, --batch-size on a GPU).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads (default: torch's).")] = None,
     splits: Annotated[str | None, typer.Option(help="Comma-separated splits to encode (default: all).")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Texts per shard (images: 1/8 of it); the unit of "
@@ -57,7 +57,7 @@ def build(
     from mmel.features.store import build_features
 
     started = time.perf_counter()
-    with _one_line_errors():
+    with exit_on_user_errors():
         dataset = load_dataset(dataset_dir)
         options = {"path": clip_path} if backbone is BackboneName.clip and clip_path else {}
         encoder = load_backbone(backbone.value, device=device, **options)
@@ -86,7 +86,7 @@ def info(store: Annotated[Path, typer.Option("--store", help="Feature store dire
     """Describe a feature store: its views per dataset and its cache namespaces."""
     from mmel.features.store import describe_store
 
-    with _one_line_errors():
+    with exit_on_user_errors():
         description = describe_store(store)
     if as_json:
         typer.echo(json.dumps(description, indent=2))

@@ -6,29 +6,18 @@ the other command groups start in a fraction of a second.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mmel.core.errors import MmelError
+from mmel.cli.errors import exit_on_user_errors
 from mmel.core.paths import atomic_write_text
 
 app = typer.Typer(help="Build link indexes and add, update or remove their entities.", no_args_is_help=True)
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Bad input ends the command with a one-line message and exit code 1, not a traceback."""
-    try:
-        yield
-    except (MmelError, OSError, KeyError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -51,7 +40,7 @@ def build(
     from mmel.data import load_dataset
     from mmel.retrieval.index_build import IndexBuildConfig, build_index
 
-    with user_errors():
+    with exit_on_user_errors():
         config = IndexBuildConfig(first_stage=first_stage, vector_index=kind, reranker=reranker,
                                   exact_max_entities=exact_max_entities, cache_dtype=cache_dtype)
         report = build_index(load_dataset(kb), model, out, config=config, features_store=features,
@@ -70,7 +59,7 @@ def add(
     from mmel.data.jsonl_format import read_kb_jsonl
     from mmel.retrieval.linker import Linker
 
-    with user_errors():
+    with exit_on_user_errors():
         root = images_root if images_root is not None else kb.parent
         entities = list(read_kb_jsonl(kb, root))
         with Linker.load(index_dir) as linker:
@@ -86,7 +75,7 @@ def remove(
     """Remove entities in place; unknown QIDs fail the command and nothing is removed."""
     from mmel.retrieval.linker import Linker
 
-    with user_errors(), Linker.load(index_dir) as linker:
+    with exit_on_user_errors(), Linker.load(index_dir) as linker:
         report = linker.remove_entities(qids)
     typer.echo(report.summary())
 
@@ -96,7 +85,7 @@ def info(index_dir: Annotated[Path, typer.Argument(help="Index directory.")]) ->
     """Describe an index (model, backbone, KB checksum, counts, changes) as JSON."""
     from mmel.retrieval.index_build import describe_index
 
-    with user_errors():
+    with exit_on_user_errors():
         typer.echo(json.dumps(describe_index(index_dir), indent=2, ensure_ascii=False))
 
 
@@ -118,7 +107,7 @@ def calibrate_nil(
     from mmel.data import load_dataset
     from mmel.retrieval.linker import Linker
 
-    with user_errors():
+    with exit_on_user_errors():
         data = load_dataset(dataset)
         with Linker.load(index_dir) as linker:
             calibration = linker.calibrate_nil(data.split(split), data.root, nil_fraction=nil_fraction,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mmel.cli.index import user_errors
+from mmel.cli.errors import exit_on_user_errors
 from mmel.core.types import LinkResult
 
 
@@ -31,7 +31,7 @@ def link(
     """Link a mention (--sentence with --mention or --span) or a file of mentions (--input, --output)."""
     from mmel.retrieval.linker import Linker, result_record
 
-    with user_errors():
+    with exit_on_user_errors():
         if input_path is not None:
             _link_file(index_dir, input_path, output, images_root, top_k, candidates_k, sentence)
             return

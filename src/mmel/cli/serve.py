@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmel.cli.index import user_errors
+from mmel.cli.errors import exit_on_user_errors
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -32,7 +32,7 @@ def serve(
     from mmel.server.app import create_app
     from mmel.server.settings import ServerSettings
 
-    with user_errors():
+    with exit_on_user_errors():
         settings = ServerSettings(index_dir=index_dir, host=host, port=port, token=token, max_batch=max_batch,
                                   max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
                                   request_timeout_s=timeout)

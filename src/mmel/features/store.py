@@ -62,7 +62,6 @@ IMAGE_FIELDS = ("global", "patches")
 ENTITY_TABLE = "entities"
 MANIFEST_FILE = "manifest.json"
 IMAGES_PER_TEXT_SHARD = 8   # image entries are ~30x larger than text entries: shards hold 1/8 as many
-IMAGE_BATCH_SIZE = 8        # CNNs on CPU gain nothing from bigger batches (activations leave the cache)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -156,9 +155,20 @@ def encode_image_batches(backbone: Backbone, images: Sequence[Image.Image], batc
         yield backbone.encode_images(list(images[start:start + batch_size]))
 
 
+def resolve_image_batch_size(backbone: Backbone, requested: int | None, batch_size: int) -> int:
+    """`requested`, or by default 1 on CPU and `batch_size` on an accelerator.
+
+    On CPU a batch of images is slower than a loop over them (measured 0.8x for EfficientNet-Lite0 at
+    8 images per call, see bench/bench_encode.py): the activations of several images leave the cache.
+    """
+    if requested is not None:
+        return requested
+    device = getattr(backbone, "device", None)
+    return batch_size if device is not None and torch.device(device).type != "cpu" else 1
+
+
 def encode_items(backbone: Backbone, texts: Sequence[str], images: Sequence[Image.Image | None], *,
-                 max_text_length: int = 40, batch_size: int = 64,
-                 image_batch_size: int = IMAGE_BATCH_SIZE) -> FeatureBatch:
+                 max_text_length: int = 40, batch_size: int = 64, image_batch_size: int | None = None) -> FeatureBatch:
     """Encode items on the fly (fine-tuning path): the same calls the store makes, without the cache.
 
     `images[i] is None` means no image: that row gets the blank-image features and has_image False.
@@ -174,7 +184,8 @@ def encode_items(backbone: Backbone, texts: Sequence[str], images: Sequence[Imag
     image_patches = blank.patches.expand(len(texts), -1, -1).clone()                    # [B, P, Dp]
     present = [image for image in images if image is not None]
     if present:
-        parts = list(encode_image_batches(backbone, present, image_batch_size))
+        parts = list(encode_image_batches(backbone, present, resolve_image_batch_size(backbone, image_batch_size,
+                                                                                      batch_size)))
         rows = has_image.nonzero().squeeze(1).to(image_global.device)
         image_global[rows] = torch.cat([p.global_ for p in parts])
         image_patches[rows] = torch.cat([p.patches for p in parts])
@@ -330,14 +341,16 @@ ShardCallback = Callable[[str, int], None]
 
 def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, template: str = "mimic",
                    entity_field: str | None = None, max_text_length: int = 40, dtype: str = "float16",
-                   batch_size: int = 64, image_batch_size: int = IMAGE_BATCH_SIZE, num_threads: int | None = None,
+                   batch_size: int = 64, image_batch_size: int | None = None, num_threads: int | None = None,
                    splits: Sequence[str] | None = None, shard_size: int = 2048, progress: bool = True,
                    on_shard: ShardCallback | None = None) -> DatasetFeatures:
     """Encode what the store lacks for `dataset`, write its view, and open it.
 
     `on_shard(kind, entries)` is called after each shard ("text" or "image") is safely on disk.
+    `image_batch_size=None` picks one image per call on CPU and `batch_size` on an accelerator.
     """
     started = time.perf_counter()
+    image_batch_size = resolve_image_batch_size(backbone, image_batch_size, batch_size)
     _check_build_options(dataset.name, dtype, batch_size, image_batch_size, shard_size, max_text_length)
     text_template = get_template(template, entity_field)
     split_names = list(dataset.splits) if splits is None else list(splits)
@@ -657,4 +670,4 @@ def describe_store(store_dir: Path) -> dict[str, Any]:
 
 __all__ = ["BuildReport", "DatasetFeatures", "ShardCache", "StoredFeatureTable", "build_features", "content_key",
            "describe_store", "encode_image_batches", "encode_items", "encode_text_batches", "list_views",
-           "open_features"]
+           "open_features", "resolve_image_batch_size"]

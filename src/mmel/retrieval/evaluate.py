@@ -25,11 +25,11 @@ from mmel.features.store import DatasetFeatures
 from mmel.models import load_model
 from mmel.retrieval.bm25 import BM25Index, query_text
 from mmel.retrieval.dense import DenseScorer
+from mmel.retrieval.linker import RRF_CONSTANT
 from mmel.retrieval.ranking import ModelScorer, rank_two_stage
 
 BASELINES = ("bm25", "bm25-text", "dense")
-FIRST_STAGES = ("dense", "bm25", "fusion")
-FUSION_BM25_WEIGHT = 0.5  # fusion = cosine + weight * BM25 / (the mention's best BM25 score)
+FIRST_STAGES = ("dense", "bm25", "hybrid")
 
 
 @dataclass
@@ -52,12 +52,21 @@ def build_first_stage(kind: str, dataset: Dataset, split: str, features: Dataset
         return FirstStage("dense", dense, 65_536)
     bm25 = _bm25_block(dataset, split)
 
-    def fused(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
-        lexical = bm25(rows, start, stop)                                        # [b, n]
-        best = np.maximum(lexical.max(axis=1, keepdims=True), 1e-9)
-        return dense(rows, start, stop) + FUSION_BM25_WEIGHT * lexical / best
+    def hybrid(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """The linker's reciprocal-rank fusion, over the whole KB (one chunk: ranks need every entity)."""
+        lexical = bm25(rows, start, stop)                                           # [b, N]
+        fused = 1.0 / (RRF_CONSTANT + 1 + _ranks_desc(dense(rows, start, stop)))
+        return fused + np.where(lexical > 0, 1.0 / (RRF_CONSTANT + 1 + _ranks_desc(lexical)), 0.0)
 
-    return FirstStage("fusion", fused, len(dataset.kb))
+    return FirstStage("hybrid", hybrid, len(dataset.kb))
+
+
+def _ranks_desc(scores: np.ndarray) -> np.ndarray:
+    """0-based rank of every column per row, best first, ties broken by the lower column. [b, n] -> [b, n]"""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[1])[None, :].repeat(len(scores), axis=0), axis=1)
+    return ranks
 
 
 def _bm25_block(dataset: Dataset, split: str, fields: str = "name") -> ScoreBlock:
