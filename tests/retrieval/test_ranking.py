@@ -37,7 +37,7 @@ def setting():
 
 
 def test_cached_scorer_gives_the_scores_of_the_published_cost_model(setting):
-    model, entities, mentions, gold = setting
+    model, entities, mentions, _ = setting
     rows = np.arange(NUM_MENTIONS)
     cached = ModelScorer(model, entities, mentions, encode_batch_size=10, progress=False).score_block(rows, 5, 40)
     naive = NaiveModelScorer(model, entities, mentions).score_block(rows, 5, 40)
