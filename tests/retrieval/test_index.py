@@ -73,7 +73,7 @@ def test_approximate_kinds_recall_the_exact_neighbours(entities, kind, minimum_r
 
 def test_auto_picks_exact_up_to_the_configured_size(entities):
     assert build("auto", entities, exact_max_entities=1000).kind == "flat"
-    assert build("auto", entities, exact_max_entities=999).kind == "hnsw"
+    assert build("auto", entities, exact_max_entities=999).kind == "ivf"
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)

@@ -28,7 +28,7 @@ def build(
     features: Annotated[Path | None, typer.Option("--features", help="Feature store to take entity features from "
                                                                      "(default: encode on the fly).")] = None,
     first_stage: Annotated[str, typer.Option(help="Candidate retrieval: dense, bm25 or hybrid.")] = "hybrid",
-    kind: Annotated[str, typer.Option("--kind", help="FAISS index: auto (exact up to --exact-max-entities, HNSW "
+    kind: Annotated[str, typer.Option("--kind", help="FAISS index: auto (exact up to --exact-max-entities, IVF "
                                                      "above), flat, hnsw or ivf.")] = "auto",
     exact_max_entities: Annotated[int, typer.Option(min=1, help="Largest KB indexed exactly by --kind auto.")
                                   ] = 200_000,

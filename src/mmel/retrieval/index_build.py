@@ -76,7 +76,7 @@ class IndexBuildConfig(ConfigBase):
     first_stage: str = "hybrid"              # 'dense' (FAISS), 'bm25' (entity names) or 'hybrid' (both, fused)
     reranker: str = "model"                  # 'model' (rerank with the checkpoint) or 'none' (first stage only)
     vector_index: str = "auto"               # FAISS kind: 'auto', 'flat' (exact), 'hnsw' or 'ivf'
-    exact_max_entities: int = 200_000        # 'auto' is exact up to this many entities, HNSW above
+    exact_max_entities: int = 200_000        # 'auto' is exact up to this many entities, IVF above
     cache_dtype: str = "auto"                # reranker cache storage: 'float32', 'float16' or 'auto'
     float32_cache_max_entities: int = 200_000  # 'auto' stores float32 up to this many entities, float16 above
     bm25_fields: str = "name"                # BM25 documents: 'name' or 'name+text'
