@@ -34,8 +34,6 @@ class TargetFormat(str, Enum):
     mimic = "mimic"
 
 
-
-
 @app.command()
 def prepare(
     name: Annotated[RawRelease, typer.Argument(help="Which raw release to prepare.")],

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.errors import DataError, MismatchError
+from mmel.core.manifest import read_manifest
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 
 FORMAT_NAME = "mmel-vector-index"
@@ -348,15 +349,9 @@ class VectorIndex:
 # --- manifest helpers (shared with the index directory's other readers) ---------------------------
 def read_index_manifest(directory: Path) -> dict[str, Any]:
     """Read and check manifest.json of an index directory (format and version)."""
+    manifest = read_manifest(directory, file_name=MANIFEST_FILE, format_name=FORMAT_NAME,
+                             format_version=FORMAT_VERSION, what="mmel vector index")
     path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
-        raise MismatchError(f"{directory} is not an mmel vector index: {MANIFEST_FILE} is missing")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise MismatchError(f"{path}: not an mmel vector index manifest (format {_field(manifest, 'format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise MismatchError(f"{path}: format_version {manifest.get('format_version')!r} is not supported "
-                            f"(this mmel reads {FORMAT_VERSION}); rebuild the index")
     for key, kind in (("kind", str), ("config", dict), ("dim", int), ("count", int), ("metadata", dict)):
         if not isinstance(manifest.get(key), kind):
             raise DataError(f"field {key!r} must be a {kind.__name__}", path=path)
@@ -375,10 +370,6 @@ def check_expected_metadata(manifest: Mapping[str, Any], expect: Mapping[str, An
     if problems:
         raise MismatchError(f"{source}: the index was built for something else; {'; '.join(problems)}. "
                             "Rebuild the index for this model and KB, or load the matching model.")
-
-
-def _field(container: Any, key: str) -> Any:
-    return container.get(key) if isinstance(container, dict) else None
 
 
 def _parse_id_map(raw: Any, path: Path) -> tuple[list[str | None], set[int]]:

@@ -39,6 +39,7 @@ from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.errors import DataError, MismatchError
 from mmel.core.features import FeatureBatch
 from mmel.core.images import ImageReport, load_image
+from mmel.core.manifest import read_manifest as read_versioned_manifest
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset, Entity, KnowledgeBase
 from mmel.features.store import build_features, encode_items
@@ -225,17 +226,9 @@ def encode_cache_and_vectors(model: MelModel, batch: FeatureBatch) -> tuple[Any,
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
-    path = Path(index_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise MismatchError(f"{index_dir} is not an mmel link index: {MANIFEST_FILE} is missing "
-                            "(build one with `mmel index build`)")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise MismatchError(f"{path}: not an mmel link index manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise MismatchError(f"{path}: format_version {manifest.get('format_version')!r} is not supported (this "
-                            f"mmel reads {FORMAT_VERSION}); rebuild the index")
-    return manifest
+    return read_versioned_manifest(index_dir, file_name=MANIFEST_FILE, format_name=FORMAT_NAME,
+                                   format_version=FORMAT_VERSION, what="mmel link index",
+                                   hint="build one with `mmel index build`")
 
 
 def describe_index(index_dir: Path) -> dict[str, Any]:
