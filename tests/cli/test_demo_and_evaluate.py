@@ -63,3 +63,17 @@ def test_evaluate_refuses_a_model_without_features(tiny_index, tiny_dataset_dir)
     result = runner.invoke(app, ["evaluate", str(tiny_dataset_dir), "--model", str(tiny_index.checkpoint)])
     assert result.exit_code == 1
     assert "pass --features" in result.output
+
+
+def test_evaluate_ranks_a_seeded_sample_of_the_split(tiny_index, tiny_dataset_dir, tmp_path, linker_backbone):
+    from mmel.data import load_dataset
+    from mmel.features.store import build_features
+    from mmel.retrieval.evaluate import evaluate
+
+    dataset = load_dataset(tiny_dataset_dir)
+    features = build_features(dataset, linker_backbone, tmp_path / "store", progress=False)
+    first = evaluate(dataset, "test", str(tiny_index.checkpoint), features=features, sample=4, seed=1, progress=False)
+    again = evaluate(dataset, "test", str(tiny_index.checkpoint), features=features, sample=4, seed=1, progress=False)
+    assert first.mention_count == 4 and first.split == "test (sample of 4, seed 1)"
+    assert first.metrics == again.metrics
+    assert evaluate(dataset, "test", "bm25", sample=4, seed=1, progress=False).mention_count == 4

@@ -21,6 +21,9 @@ def evaluate(
     first_stage: Annotated[str | None, typer.Option(
         help="Two-stage ranking: dense, bm25 or hybrid picks the top K, the model reranks them.")] = None,
     candidates: Annotated[int, typer.Option(help="K for two-stage ranking.")] = 100,
+    sample: Annotated[int, typer.Option(help="Rank a seeded sample of this many mentions (0 = the whole split).")
+                      ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for <name>.json and <name>.md.")] = None,
 ) -> None:
     """Evaluate a model or baseline on a dataset split (full-KB ranking; ties count against the gold)."""
@@ -33,7 +36,7 @@ def evaluate(
         dataset = load_dataset(data)
         feature_view = open_features(features, dataset.name) if features is not None else None
         report = run_evaluation(dataset, split, model, features=feature_view, first_stage=first_stage,
-                                num_candidates=candidates)
+                                num_candidates=candidates, sample=sample, seed=seed)
         console.print(report.to_markdown())
         if out is not None:
             json_path, markdown_path = write_report(report, out)

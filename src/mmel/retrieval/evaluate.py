@@ -12,13 +12,15 @@ Every report carries protocol, KB size, split, mention count, model and backbone
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mmel.core.errors import MismatchError
-from mmel.core.types import Dataset
+from mmel.core.features import FeatureTable
+from mmel.core.types import Dataset, Mention
 from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, gold_rows_for, rank_full_kb
 from mmel.evaluation.report import EvalReport, build_report
 from mmel.features.store import DatasetFeatures
@@ -41,16 +43,58 @@ class FirstStage:
     entity_chunk_size: int
 
 
-def build_first_stage(kind: str, dataset: Dataset, split: str, features: DatasetFeatures | None) -> FirstStage:
-    """The named first stage over `dataset`'s KB for the mentions of `split`."""
+@dataclass
+class SplitToRank:
+    """The mentions to rank (a whole split, or a seeded sample of it) with their features and gold rows."""
+
+    name: str
+    mentions: list[Mention]
+    gold_rows: np.ndarray                 # [M]
+    features: FeatureTable | None         # the mentions' features, row i = mentions[i]
+
+    @classmethod
+    def of(cls, dataset: Dataset, split: str, features: DatasetFeatures | None, sample: int = 0,
+           seed: int = 0) -> SplitToRank:
+        """`split` of `dataset`; with `sample` > 0, that many evaluable mentions drawn with `seed`, in file order."""
+        mentions = dataset.split(split)
+        gold = gold_rows_for(mentions, dataset.kb)
+        table = features.mentions[split] if features is not None else None
+        if sample <= 0 or sample >= len(mentions):
+            return cls(split, mentions, gold, table)
+        rows = np.sort(np.random.default_rng(seed).choice(np.flatnonzero(gold >= 0), size=min(sample, int(
+            (gold >= 0).sum())), replace=False))
+        return cls(f"{split} (sample of {len(rows)}, seed {seed})", [mentions[i] for i in rows], gold[rows],
+                   RowSubset(table, rows) if table is not None else None)
+
+
+class RowSubset:
+    """A FeatureTable over chosen rows of another one (row i = the parent's rows[i])."""
+
+    def __init__(self, table: FeatureTable, rows: np.ndarray):
+        self.table = table
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def gather(self, rows: Sequence[int] | np.ndarray):
+        return self.table.gather(self.rows[np.asarray(rows, dtype=np.int64)])
+
+    def text_global_matrix(self) -> np.ndarray:
+        return np.asarray(self.table.text_global_matrix()[self.rows])
+
+
+def build_first_stage(kind: str, dataset: Dataset, to_rank: SplitToRank,
+                      features: DatasetFeatures | None) -> FirstStage:
+    """The named first stage over `dataset`'s KB for the mentions of `to_rank`."""
     if kind not in FIRST_STAGES:
         raise ValueError(f"unknown first stage {kind!r}; available: {', '.join(FIRST_STAGES)}")
     if kind == "bm25":
-        return FirstStage("bm25", _bm25_block(dataset, split), len(dataset.kb))
-    dense = _dense_block(features, split)
+        return FirstStage("bm25", _bm25_block(dataset, to_rank), len(dataset.kb))
+    dense = _dense_block(features, to_rank)
     if kind == "dense":
         return FirstStage("dense", dense, 65_536)
-    bm25 = _bm25_block(dataset, split)
+    bm25 = _bm25_block(dataset, to_rank)
 
     def hybrid(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
         """The linker's reciprocal-rank fusion, over the whole KB (one chunk: ranks need every entity)."""
@@ -69,64 +113,63 @@ def _ranks_desc(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _bm25_block(dataset: Dataset, split: str, fields: str = "name") -> ScoreBlock:
+def _bm25_block(dataset: Dataset, to_rank: SplitToRank, fields: str = "name") -> ScoreBlock:
     index = BM25Index.build(dataset.kb, fields)  # type: ignore[arg-type]
-    return index.score_block([query_text(mention) for mention in dataset.split(split)])
+    return index.score_block([query_text(mention) for mention in to_rank.mentions])
 
 
-def _dense_block(features: DatasetFeatures | None, split: str) -> ScoreBlock:
-    if features is None:
+def _dense_block(features: DatasetFeatures | None, to_rank: SplitToRank) -> ScoreBlock:
+    if features is None or to_rank.features is None:
         raise ValueError("dense retrieval needs the feature store: pass --features (built by `mmel features build`)")
-    return DenseScorer(features.entities).rows_scorer(features.mentions[split])
+    return DenseScorer(features.entities).rows_scorer(to_rank.features)
 
 
 def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeatures | None = None,
              first_stage: str | None = None, num_candidates: int = 100, mention_batch_size: int = 64,
-             progress: bool = True) -> EvalReport:
-    """Rank `split` against the whole KB with `method` (a baseline name or a checkpoint directory)."""
-    mentions = dataset.split(split)
-    gold = gold_rows_for(mentions, dataset.kb)
+             sample: int = 0, seed: int = 0, progress: bool = True) -> EvalReport:
+    """Rank `split` (or a seeded `sample` of it) against the whole KB with `method` (a baseline or a checkpoint)."""
     if features is not None:
         features.check_dataset(dataset)
+    to_rank = SplitToRank.of(dataset, split, features, sample, seed)
     started = time.perf_counter()
     if method in BASELINES:
-        result, model_name, backbone, extra = _rank_baseline(method, dataset, split, features, gold, progress)
+        result, model_name, backbone, extra = _rank_baseline(method, dataset, to_rank, features, progress)
     else:
-        result, model_name, backbone, extra = _rank_model(Path(method), dataset, split, features, gold,
-                                                          first_stage, num_candidates, mention_batch_size,
-                                                          progress)
-    return build_report(result, protocol=FULL_KB, kb_size=len(dataset.kb), dataset=dataset.name, split=split,
+        result, model_name, backbone, extra = _rank_model(Path(method), dataset, to_rank, features, first_stage,
+                                                          num_candidates, mention_batch_size, progress)
+    return build_report(result, protocol=FULL_KB, kb_size=len(dataset.kb), dataset=dataset.name, split=to_rank.name,
                         model=model_name, backbone=backbone, wall_time_s=time.perf_counter() - started, extra=extra)
 
 
-def _rank_baseline(method: str, dataset: Dataset, split: str, features: DatasetFeatures | None, gold: np.ndarray,
+def _rank_baseline(method: str, dataset: Dataset, to_rank: SplitToRank, features: DatasetFeatures | None,
                    progress: bool) -> tuple[RankingResult, str, str, dict]:
     if method == "dense":
-        stage = build_first_stage("dense", dataset, split, features)
-        result = rank_full_kb(stage.score_block, gold, len(dataset.kb), entity_chunk_size=stage.entity_chunk_size,
-                              mention_batch_size=256, progress=progress)
+        stage = build_first_stage("dense", dataset, to_rank, features)
+        result = rank_full_kb(stage.score_block, to_rank.gold_rows, len(dataset.kb),
+                              entity_chunk_size=stage.entity_chunk_size, mention_batch_size=256, progress=progress)
         return result, "dense-zero-shot", features.backbone_fingerprint, {"template": features.template.name}
     fields = "name" if method == "bm25" else "name+text"
-    block = _bm25_block(dataset, split, fields)
-    result = rank_full_kb(block, gold, len(dataset.kb), entity_chunk_size=len(dataset.kb), mention_batch_size=256,
-                          progress=progress)
+    block = _bm25_block(dataset, to_rank, fields)
+    result = rank_full_kb(block, to_rank.gold_rows, len(dataset.kb), entity_chunk_size=len(dataset.kb),
+                          mention_batch_size=256, progress=progress)
     return result, f"bm25-{fields}", "none", {"query": "surface+sentence"}
 
 
-def _rank_model(checkpoint: Path, dataset: Dataset, split: str, features: DatasetFeatures | None, gold: np.ndarray,
+def _rank_model(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, features: DatasetFeatures | None,
                 first_stage: str | None, num_candidates: int, mention_batch_size: int,
                 progress: bool) -> tuple[RankingResult, str, str, dict]:
-    if features is None:
+    if features is None or to_rank.features is None:
         raise ValueError("a trained model reads features: pass --features (built by `mmel features build`)")
     model = load_model(checkpoint)
     _check_backbone(model, features, checkpoint)
-    scorer = ModelScorer(model, features.entities, features.mentions[split], progress=progress)
+    scorer = ModelScorer(model, features.entities, to_rank.features, progress=progress)
     model_name = f"{model.config_class.model_type}:{checkpoint.name}"
+    gold = to_rank.gold_rows
     if first_stage is None:
         result = rank_full_kb(scorer.score_block, gold, len(dataset.kb), mention_batch_size=mention_batch_size,
                               entity_chunk_size=4096, progress=progress)
         return result, model_name, features.backbone_fingerprint, {"ranking": "exhaustive"}
-    stage = build_first_stage(first_stage, dataset, split, features)
+    stage = build_first_stage(first_stage, dataset, to_rank, features)
     result = rank_two_stage(stage.score_block, scorer.rerank, gold, len(dataset.kb), num_candidates=num_candidates,
                             mention_batch_size=mention_batch_size, entity_chunk_size=stage.entity_chunk_size,
                             progress=progress)
@@ -141,4 +184,4 @@ def _check_backbone(model, features: DatasetFeatures, checkpoint: Path) -> None:
                             f"holds {features.backbone_fingerprint}; rebuild the features with that backbone")
 
 
-__all__ = ["BASELINES", "FIRST_STAGES", "FirstStage", "build_first_stage", "evaluate"]
+__all__ = ["BASELINES", "FIRST_STAGES", "FirstStage", "RowSubset", "SplitToRank", "build_first_stage", "evaluate"]
