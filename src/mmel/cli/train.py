@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmel.core.errors import MmelError
+from mmel.cli.errors import exit_on_user_errors
 
 
 def train(
@@ -26,10 +26,7 @@ def train(
     from mmel.training.recipe import load_recipe
     from mmel.training.run import train as run_training
 
-    try:
+    with exit_on_user_errors():
         loaded = load_recipe(recipe, overrides or [])
         result = run_training(loaded, data_dir=data, out_dir=out, features_dir=features, resume=resume)
-    except (MmelError, OSError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(result.summary())
