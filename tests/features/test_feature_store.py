@@ -200,6 +200,18 @@ def test_selected_splits_only(tiny_clip, dataset, tmp_path):
     assert set(features.mentions) == {"test"}
 
 
+def test_a_later_build_for_fewer_splits_keeps_the_others(tiny_clip, dataset, tmp_path):
+    """`mmel index build --features` builds the KB side only (splits=[]): the splits built before stay."""
+    full = _build(dataset, tiny_clip, tmp_path / "store")
+    before = {name: table.gather(range(len(table))).text_tokens for name, table in full.mentions.items()}
+    kb_only = _build(dataset, tiny_clip, tmp_path / "store", splits=[])
+    assert set(kb_only.mentions) == set(dataset.splits)
+    for name, tokens in before.items():
+        table = kb_only.mentions[name]
+        torch.testing.assert_close(table.gather(range(len(table))).text_tokens, tokens)
+    assert kb_only.report.texts_encoded == 0
+
+
 def test_bad_options_are_refused(tiny_clip, dataset, tmp_path):
     with pytest.raises(ValueError, match="storage dtype"):
         _build(dataset, tiny_clip, tmp_path / "store", dtype="int8")

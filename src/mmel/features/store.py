@@ -353,7 +353,10 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
     image_batch_size = resolve_image_batch_size(backbone, image_batch_size, batch_size)
     _check_build_options(dataset.name, dtype, batch_size, image_batch_size, shard_size, max_text_length)
     text_template = get_template(template, entity_field)
+    view_id = f"{backbone.fingerprint}-{text_template.key}-L{max_text_length}-{dtype}"
+    view_dir = Path(store_dir) / "views" / dataset.name / view_id
     split_names = list(dataset.splits) if splits is None else list(splits)
+    split_names += [name for name in _splits_in_view(view_dir) if name in dataset.splits and name not in split_names]
     if len(dataset.kb) == 0:
         raise DataError(f"dataset {dataset.name!r} has an empty knowledge base: nothing to encode", path=dataset.root)
     tables = _dataset_tables(dataset, text_template, split_names)
@@ -369,8 +372,6 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
             namespace, tables, dataset.root, backbone, storage, image_batch_size,
             max(1, shard_size // IMAGES_PER_TEXT_SHARD), image_report, progress, on_shard)
         blank = _blank_image_entry(namespace, backbone, storage)
-    view_id = f"{backbone.fingerprint}-{text_template.key}-L{max_text_length}-{dtype}"
-    view_dir = Path(store_dir) / "views" / dataset.name / view_id
     manifest = {
         "format_version": FORMAT_VERSION, "dataset": dataset.name, "view_id": view_id,
         "backbone": _backbone_info(backbone), "template": text_template.to_dict(),
@@ -392,6 +393,15 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
         store_bytes=directory_bytes(Path(store_dir)))
     logger.info("%s", features.report.summary())
     return features
+
+
+def _splits_in_view(view_dir: Path) -> list[str]:
+    """Splits an existing view holds: a build for other splits (or none) keeps them, from the cache."""
+    manifest_path = view_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return []
+    tables = read_json(manifest_path).get("tables", {})
+    return [name.removeprefix("mentions-") for name in tables if name != ENTITY_TABLE]
 
 
 def _check_build_options(dataset_name: str, dtype: str, batch_size: int, image_batch_size: int, shard_size: int,
