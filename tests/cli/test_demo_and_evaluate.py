@@ -77,3 +77,16 @@ def test_evaluate_ranks_a_seeded_sample_of_the_split(tiny_index, tiny_dataset_di
     assert first.mention_count == 4 and first.split == "test (sample of 4, seed 1)"
     assert first.metrics == again.metrics
     assert evaluate(dataset, "test", "bm25", sample=4, seed=1, progress=False).mention_count == 4
+
+
+def test_evaluate_refuses_features_made_with_other_preprocessing(tiny_index, tiny_dataset_dir, tmp_path,
+                                                                  linker_backbone):
+    from mmel.core.errors import MismatchError
+    from mmel.data import load_dataset
+    from mmel.features.store import build_features
+    from mmel.retrieval.evaluate import evaluate
+
+    dataset = load_dataset(tiny_dataset_dir)
+    features = build_features(dataset, linker_backbone, tmp_path / "store", max_text_length=16, progress=False)
+    with pytest.raises(MismatchError, match="max text length 16 \\(model: 40\\)"):
+        evaluate(dataset, "test", str(tiny_index.checkpoint), features=features, progress=False)

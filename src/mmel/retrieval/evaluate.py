@@ -27,6 +27,7 @@ from mmel.features.store import DatasetFeatures
 from mmel.models import load_model
 from mmel.retrieval.bm25 import BM25Index, query_text
 from mmel.retrieval.dense import DenseScorer
+from mmel.retrieval.index_build import ModelSpec
 from mmel.retrieval.linker import RRF_CONSTANT
 from mmel.retrieval.ranking import ModelScorer, rank_two_stage
 
@@ -160,8 +161,8 @@ def _rank_model(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featur
                 progress: bool) -> tuple[RankingResult, str, str, dict]:
     if features is None or to_rank.features is None:
         raise ValueError("a trained model reads features: pass --features (built by `mmel features build`)")
+    _check_features_fit(checkpoint, features)
     model = load_model(checkpoint)
-    _check_backbone(model, features, checkpoint)
     scorer = ModelScorer(model, features.entities, to_rank.features, progress=progress)
     model_name = f"{model.config_class.model_type}:{checkpoint.name}"
     gold = to_rank.gold_rows
@@ -177,11 +178,17 @@ def _rank_model(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featur
     return result, f"{model_name}+{stage.name}@{num_candidates}", features.backbone_fingerprint, extra
 
 
-def _check_backbone(model, features: DatasetFeatures, checkpoint: Path) -> None:
-    expected = (getattr(model, "checkpoint_header", {}) or {}).get("backbone", {}).get("fingerprint")
-    if expected and expected != features.backbone_fingerprint:
-        raise MismatchError(f"{checkpoint} was trained on features of backbone {expected}, but the feature store "
-                            f"holds {features.backbone_fingerprint}; rebuild the features with that backbone")
+def _check_features_fit(checkpoint: Path, features: DatasetFeatures) -> None:
+    """Refuse features made with another backbone, text template or max length than the model was trained on."""
+    spec = ModelSpec.read(checkpoint)
+    expected = {"backbone": spec.backbone_fingerprint or features.backbone_fingerprint,
+                "template": spec.template, "max text length": spec.max_text_length}
+    found = {"backbone": features.backbone_fingerprint, "template": features.template,
+             "max text length": features.max_text_length}
+    problems = [f"{name} {found[name]} (model: {expected[name]})" for name in expected if found[name] != expected[name]]
+    if problems:
+        raise MismatchError(f"{features.view_dir} does not fit {checkpoint}: {'; '.join(problems)}; "
+                            "rebuild the features with the model's backbone and preprocessing")
 
 
 __all__ = ["BASELINES", "FIRST_STAGES", "FirstStage", "RowSubset", "SplitToRank", "build_first_stage", "evaluate"]
