@@ -12,6 +12,7 @@ from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError
 from mmel.core.features import FeatureBatch
 from mmel.models import load_model
+from mmel.models.base import MelModel
 from mmel.models.mimic import MIMICConfig, MIMICModel
 
 CLIP_DIMS = {"text_dim": 512, "image_global_dim": 512, "image_patch_dim": 768}
@@ -157,6 +158,24 @@ def test_chunked_and_cached_matching_equals_one_pass() -> None:
     torch.testing.assert_close(chunked.scores, whole.scores)
     for unit in whole.unit_scores:
         torch.testing.assert_close(chunked.unit_scores[unit], whole.unit_scores[unit])
+
+
+@pytest.mark.parametrize("options", [{}, RELEASE], ids=["mmel-options", "release"])
+def test_per_mention_candidates_score_as_the_same_pairs_of_the_full_matrix(options: dict[str, bool]) -> None:
+    model = randomised_model(OFFLINE_DIMS, seed=10, **options).eval()
+    mentions = random_features(4, OFFLINE_DIMS, seed=11, has_image=[True, False, True, True])
+    entities = random_features(9, OFFLINE_DIMS, seed=12, has_image=[True, False] * 4 + [True])
+    candidates = torch.tensor([[0, 3, 8], [2, 2, 5], [7, 1, 0], [4, 6, 3]])                  # [B, K]
+    with torch.no_grad():
+        mention_cache, entity_cache = model.encode_mentions(mentions), model.encode_entities(entities)
+        full = model.match(mention_cache, entity_cache)
+        model.max_candidate_pair_elements = 40 * 40 * 3  # one mention per chunk
+        paired = model.match_candidates(mention_cache, entity_cache, candidates)
+        generic = MelModel.match_candidates(model, mention_cache, entity_cache, candidates)
+    torch.testing.assert_close(paired.scores, full.scores.gather(1, candidates))
+    torch.testing.assert_close(generic.scores, paired.scores)
+    for unit in full.unit_scores:
+        torch.testing.assert_close(paired.unit_scores[unit], full.unit_scores[unit].gather(1, candidates))
 
 
 def test_loss_decreases_over_a_few_steps() -> None:

@@ -42,6 +42,17 @@ class MelModel(nn.Module):
         """Score encoded mentions [B] against encoded entities [N] -> MatchOutput with [B, N] scores."""
         raise NotImplementedError
 
+    def match_candidates(self, mentions: Any, entities: Any, candidates: torch.Tensor) -> MatchOutput:
+        """Scores [B, K]: encoded mention b against its own candidates, the entity rows `candidates[b]` ([B, K]).
+
+        This generic version scores one mention at a time; models override it with a batched one.
+        """
+        rows = [self.match(mentions.select([b]), entities.select(torch.as_tensor(candidates[b])))
+                for b in range(len(candidates))]
+        return MatchOutput(scores=torch.cat([row.scores for row in rows]),
+                           unit_scores={name: torch.cat([row.unit_scores[name] for row in rows])
+                                        for name in rows[0].unit_scores} if rows else {})
+
     def forward(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor | None = None,
                 entity_ids: torch.Tensor | None = None) -> MatchOutput:
         """Scores, plus the training loss when `labels` [B] (gold column per row) are given.

@@ -30,6 +30,10 @@ from mmel.models.outputs import MatchOutput
 # Default bound on the attention logits (or DUAL pair activations) materialised at once while
 # scoring: 2**24 float32 values are 64 MiB. `MIMICModel.match` splits the entity side to stay under it.
 MAX_PAIR_ELEMENTS = 1 << 24
+# Reranking (`match_candidates`) splits the mention side under a smaller bound: chunks whose
+# intermediates stay cache-sized (a few mentions at K=100) ran faster on CPU than one mention at a time
+# or all at once (bench/bench_ranking.py).
+MAX_CANDIDATE_PAIR_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -83,6 +87,10 @@ class _RowCache:
         if not caches:
             raise ValueError(f"{cls.__name__}.concat needs at least one cache")
         return cls(**{item.name: torch.cat([getattr(c, item.name) for c in caches]) for item in fields(cls)})
+
+    def unsqueeze(self: C) -> C:
+        """Every tensor with a leading axis of size 1 ([N, ...] -> [1, N, ...]), for pairing (`MIMICModel.match`)."""
+        return type(self)(**{item.name: getattr(self, item.name).unsqueeze(0) for item in fields(self)})
 
     def to(self: C, device: torch.device | str) -> C:
         return type(self)(**{item.name: getattr(self, item.name).to(device) for item in fields(self)})
@@ -150,19 +158,37 @@ class TGLU(nn.Module):
         return self.fc_key(text_tokens), self.fc_value(text_tokens)
 
     def score(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> torch.Tensor:
-        """s_T [B, N]."""
-        queries = entities.text_token_queries                          # [N, Le, D]
-        keys, values = mentions.text_token_keys, mentions.text_token_values  # [B, Lm, D]
+        """s_T [B, N] against paired entities (see `MIMICModel.match_candidates`)."""
+        if entities.has_image.shape[0] == 1:
+            mean_attention = self._mean_attention_all_pairs(mentions, entities)          # [B, N, Lm]
+        else:
+            mean_attention = self._mean_attention_per_mention(mentions, entities)        # [B, N, Lm]
+        context = self.layer_norm(torch.bmm(mean_attention, mentions.text_token_values))  # [B, N, D]
+        global_to_local = (entities.text_cls_key * context).sum(dim=-1)                    # [B, N]
+        global_to_global = _pair_dot(mentions.text_cls, entities.text_cls)                 # [B, N]
+        return (global_to_local + global_to_global) / 2
+
+    def _mean_attention_all_pairs(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> torch.Tensor:
+        """Entity-token attention over mention tokens, averaged over entity tokens: [B, N, Lm].
+
+        Every mention meets the same N entities, so one [N*Le, B*Lm] product covers all pairs.
+        """
+        queries, keys = entities.text_token_queries[0], mentions.text_token_keys           # [N, Le, D], [B, Lm, D]
         num_entities, entity_length, hidden = queries.shape
         num_mentions, mention_length, _ = keys.shape
         scaled = queries.reshape(-1, hidden) * self.scale  # scaling the [N*Le, D] factor is cheaper than the logits
         logits = scaled @ keys.reshape(-1, hidden).T                                      # [N*Le, B*Lm]
         attention = logits.view(num_entities, entity_length, num_mentions, mention_length).softmax(dim=-1)
-        mean_attention = attention.mean(dim=1)                                            # [N, B, Lm]
-        context = self.layer_norm(torch.einsum("nbl,bld->nbd", mean_attention, values))  # [N, B, D]
-        global_to_local = torch.einsum("nd,nbd->bn", entities.text_cls_key, context)     # [B, N]
-        global_to_global = mentions.text_cls @ entities.text_cls.T                        # [B, N]
-        return (global_to_local + global_to_global) / 2
+        return attention.mean(dim=1).transpose(0, 1)                                      # [B, N, Lm]
+
+    def _mean_attention_per_mention(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> torch.Tensor:
+        """The same when mention b meets its own N entities (candidates): one [N*Le, Lm] product per mention."""
+        queries, keys = entities.text_token_queries, mentions.text_token_keys              # [B, N, Le, D], [B, Lm, D]
+        num_mentions, num_entities, entity_length, hidden = queries.shape
+        scaled = queries.reshape(num_mentions, -1, hidden) * self.scale                   # [B, K*Le, D]
+        logits = torch.bmm(scaled, keys.transpose(1, 2))                                  # [B, K*Le, Lm]
+        attention = logits.view(num_mentions, num_entities, entity_length, -1).softmax(dim=-1)
+        return attention.mean(dim=2)                                                      # [B, N, Lm]
 
 
 # --- VDLU ---------------------------------------------------------------------------------------
@@ -195,11 +221,15 @@ class DUAL(nn.Module):
 
     def score(self, query: torch.Tensor, query_norm: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor) -> torch.Tensor:
-        """[a, D] x2, [b, D] x2 -> [a, b]."""
-        combined = self.fc(self.add_layer_norm(value[None, :, :] + query[:, None, :]))  # [a, b, D]
-        gate = torch.tanh(self.gate_fc(combined))                                      # [a, b, 1]
-        hidden = self.layer_norm(combined * gate + key[None, :, :])                    # [a, b, D]
-        return (hidden * query_norm[:, None, :]).sum(dim=-1)                           # [a, b]
+        """Query side [..., D] x2 and key/value side [..., D] x2, broadcast against each other -> [...].
+
+        E.g. queries [a, 1, D] against keys [1, b, D] give all pairs [a, b]; [B, 1, D] against
+        [B, K, D] give each mention's own K candidates.
+        """
+        combined = self.fc(self.add_layer_norm(value + query))        # [..., D]
+        gate = torch.tanh(self.gate_fc(combined))                     # [..., 1]
+        hidden = self.layer_norm(combined * gate + key)               # [..., D]
+        return (hidden * query_norm).sum(dim=-1)                      # [...]
 
 
 class VDLU(nn.Module):
@@ -211,12 +241,12 @@ class VDLU(nn.Module):
         self.dual_men2ent = DUAL(hidden_dim)
 
     def score(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> torch.Tensor:
-        """s_V [B, N]."""
+        """s_V [B, N] against paired entities (see `MIMICModel.match_candidates`)."""
         entity_to_mention = self.dual_ent2men.score(entities.e2m_query, entities.e2m_query_norm,
-                                                    mentions.e2m_key, mentions.e2m_value)     # [N, B]
-        mention_to_entity = self.dual_men2ent.score(mentions.m2e_query, mentions.m2e_query_norm,
-                                                    entities.m2e_key, entities.m2e_value)     # [B, N]
-        return (entity_to_mention.T + mention_to_entity) / 2
+                                                    mentions.e2m_key[:, None, :], mentions.e2m_value[:, None, :])
+        mention_to_entity = self.dual_men2ent.score(mentions.m2e_query[:, None, :], mentions.m2e_query_norm[:, None, :],
+                                                    entities.m2e_key, entities.m2e_value)   # [B, N] each
+        return (entity_to_mention + mention_to_entity) / 2
 
 
 # --- CMFU ---------------------------------------------------------------------------------------
@@ -284,6 +314,7 @@ class MIMICModel(MelModel):
         self.vdlu = VDLU(hidden)
         self.cmfu = CMFU(config.text_dim, hidden)
         self.max_pair_elements = MAX_PAIR_ELEMENTS
+        self.max_candidate_pair_elements = MAX_CANDIDATE_PAIR_ELEMENTS
 
     # --- per-side encoding (§1.2-1.3 and the side-only parts of each unit) ----------------------
     def _prenormalise(self, batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,31 +351,47 @@ class MIMICModel(MelModel):
                                  has_image=mentions.has_image.bool())
 
     # --- scoring (§1.7) -------------------------------------------------------------------------
+    # Scoring pairs mentions [B] with entity caches whose tensors carry a leading pairing axis:
+    # [1, N, ...] when every mention meets the same N entities (`match`), [B, K, ...] when mention b
+    # meets only its own K candidates (`match_candidates`). The units broadcast over that axis.
+
     def match(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> MatchOutput:
         """Scores [B, N] and unit scores; the entity side is split so no chunk exceeds `max_pair_elements`."""
-        chunk = self._entity_rows_per_chunk(mentions, entities)
-        parts = [self._match_chunk(mentions, entities.select(slice(start, start + chunk)))
+        chunk = max(1, self.max_pair_elements // (len(mentions) * self._pair_elements(mentions, entities)))
+        parts = [self._match_paired(mentions, entities.select(slice(start, start + chunk)).unsqueeze())
                  for start in range(0, max(len(entities), 1), chunk)]
-        if len(parts) == 1:
-            return parts[0]
-        return MatchOutput(scores=torch.cat([p.scores for p in parts], dim=1),
-                           unit_scores={name: torch.cat([p.unit_scores[name] for p in parts], dim=1)
-                                        for name in parts[0].unit_scores})
+        return _concat_outputs(parts, dim=1)
 
-    def _entity_rows_per_chunk(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> int:
-        entity_length = entities.text_token_queries.shape[1]
+    def match_candidates(self, mentions: MIMICMentionCache, entities: MIMICEntityCache,
+                         candidates: torch.Tensor) -> MatchOutput:
+        """Scores [B, K]: mention b against its own candidates, the entity rows `candidates[b]` ([B, K] ints).
+
+        Only the B x K pairs are scored (the reranking cost), never all B x (B * K); the mention
+        side is split so no chunk exceeds `max_candidate_pair_elements`.
+        """
+        candidates = torch.as_tensor(candidates, dtype=torch.long)
+        per_mention = max(candidates.shape[1], 1) * self._pair_elements(mentions, entities)
+        chunk = max(1, self.max_candidate_pair_elements // per_mention)
+        parts = [self._match_paired(mentions.select(slice(start, start + chunk)),
+                                    entities.select(candidates[start:start + chunk]))
+                 for start in range(0, max(len(mentions), 1), chunk)]
+        return _concat_outputs(parts, dim=0)
+
+    def _pair_elements(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> int:
+        """Values materialised per mention-entity pair: TGLU's attention logits, or a DUAL activation."""
+        entity_length = entities.text_token_queries.shape[-2]
         mention_length = mentions.text_token_keys.shape[1]
-        per_entity = len(mentions) * max(entity_length * mention_length, self.config.hidden_dim)
-        return max(1, self.max_pair_elements // max(per_entity, 1))
+        return max(entity_length * mention_length, self.config.hidden_dim, 1)
 
-    def _match_chunk(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> MatchOutput:
-        text_score = self.tglu.score(mentions, entities)        # [B, N]
-        visual_score = self.vdlu.score(mentions, entities)      # [B, N]
-        fusion_score = mentions.fused @ entities.fused.T        # [B, N]
+    def _match_paired(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> MatchOutput:
+        """Mentions [B] against paired entities [1 | B, N, ...] -> scores [B, N]."""
+        text_score = self.tglu.score(mentions, entities)                     # [B, N]
+        visual_score = self.vdlu.score(mentions, entities)                   # [B, N]
+        fusion_score = _pair_dot(mentions.fused, entities.fused)             # [B, N]
         if not self.config.mask_missing_images:
             scores = (text_score + visual_score + fusion_score) / 3
         else:
-            pair_has_images = mentions.has_image[:, None] & entities.has_image[None, :]        # [B, N]
+            pair_has_images = mentions.has_image[:, None] & entities.has_image                  # [B, N]
             visual_score = torch.where(pair_has_images, visual_score, torch.zeros_like(visual_score))
             scores = (text_score + fusion_score + visual_score) / (2 + pair_has_images.to(text_score.dtype))
         return MatchOutput(scores=scores, unit_scores={"tglu": text_score, "vdlu": visual_score, "cmfu": fusion_score})
@@ -403,6 +450,21 @@ class MIMICModel(MelModel):
         if {**batch.dims, "text_global_dim": batch.text_global.shape[-1]} != expected:
             raise MismatchError(f"features have widths {batch.dims} but this MIMIC model expects {expected}; "
                                 "use features from the backbone the model was trained with")
+
+
+def _pair_dot(mention_vectors: torch.Tensor, entity_vectors: torch.Tensor) -> torch.Tensor:
+    """[B, D] against paired entity vectors [1 | B, N, D] -> [B, N]."""
+    if entity_vectors.shape[0] == 1:
+        return mention_vectors @ entity_vectors[0].T
+    return torch.einsum("bd,bnd->bn", mention_vectors, entity_vectors)
+
+
+def _concat_outputs(parts: list[MatchOutput], dim: int) -> MatchOutput:
+    if len(parts) == 1:
+        return parts[0]
+    return MatchOutput(scores=torch.cat([p.scores for p in parts], dim=dim),
+                       unit_scores={name: torch.cat([p.unit_scores[name] for p in parts], dim=dim)
+                                    for name in parts[0].unit_scores})
 
 
 def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, usable: torch.Tensor,

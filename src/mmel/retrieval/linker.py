@@ -302,19 +302,35 @@ class Linker:
         if self.manifest["reranker"] == "none":
             return [[(qid, score, {}, score) for qid, score in shortlist] for shortlist in shortlists]
         mentions = self.model.encode_mentions(features)                                 # B rows
+        candidates, entities = self._candidate_table(shortlists)                        # [B, K], U rows
+        output = self.model.match_candidates(mentions, entities, candidates) if entities is not None else None
         ranked = []
         for row, shortlist in enumerate(shortlists):
-            if not shortlist:
+            count = len(shortlist)
+            if count == 0:
                 ranked.append([])
                 continue
-            entities = self._cache.gather([qid for qid, _ in shortlist])                 # K rows
-            output = self.model.match(mentions.select([row]), entities)
-            scores = output.scores[0].tolist()                                           # [K]
-            units = {name: values[0].tolist() for name, values in output.unit_scores.items()}
-            order = sorted(range(len(shortlist)), key=lambda i: (-scores[i], i))
+            scores = output.scores[row, :count].tolist()                                 # [k]
+            units = {name: values[row, :count].tolist() for name, values in output.unit_scores.items()}
+            order = sorted(range(count), key=lambda i: (-scores[i], i))
             ranked.append([(shortlist[i][0], scores[i], {name: values[i] for name, values in units.items()},
                             shortlist[i][1]) for i in order])
         return ranked
+
+    def _candidate_table(self, shortlists: list[list[tuple[str, float]]]) -> tuple[torch.Tensor, Any]:
+        """Cache rows of every distinct shortlisted entity (U rows), and each mention's candidates as rows [B, K].
+
+        Shorter shortlists are padded with row 0; the caller reads only each mention's own count.
+        """
+        distinct = list(dict.fromkeys(qid for shortlist in shortlists for qid, _ in shortlist))
+        if not distinct:
+            return torch.zeros((len(shortlists), 0), dtype=torch.long), None
+        position = {qid: index for index, qid in enumerate(distinct)}
+        width = max(len(shortlist) for shortlist in shortlists)
+        candidates = torch.zeros((len(shortlists), width), dtype=torch.long)
+        for row, shortlist in enumerate(shortlists):
+            candidates[row, :len(shortlist)] = torch.tensor([position[qid] for qid, _ in shortlist], dtype=torch.long)
+        return candidates, self._cache.gather(distinct)
 
     # --- looking up -------------------------------------------------------------------------
     def entity(self, qid: str) -> Entity | None:

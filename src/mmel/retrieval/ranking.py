@@ -76,9 +76,7 @@ class ModelScorer:
     def rerank(self, mention_rows: np.ndarray, candidate_rows: np.ndarray) -> torch.Tensor:
         """[b, K] scores of each mention against its own K candidate entities."""
         mentions = self._mentions_encoded(mention_rows)
-        scores = [self.model.match(mentions.select([i]), self.entity_cache.select(torch.as_tensor(rows))).scores[0]
-                  for i, rows in enumerate(candidate_rows)]
-        return torch.stack(scores)
+        return self.model.match_candidates(mentions, self.entity_cache, torch.as_tensor(candidate_rows)).scores
 
 
 class NaiveModelScorer:
