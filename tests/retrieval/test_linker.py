@@ -238,7 +238,20 @@ def test_calibrate_nil_on_dev_mentions(shared_linker, tiny_index):
     assert calibration.num_nil == int(simulated[:-1].sum()) + 1     # the simulated ones plus the real NIL mention
     assert calibration.curve[0].answered == len(dev)
     assert 0.0 <= calibration.chosen.accuracy <= 1.0
+    assert calibration.statistic == "margin"
     assert calibration.metadata["model_fingerprint"] == shared_linker.info()["model_fingerprint"]
+
+
+def test_margin_threshold_makes_a_near_tie_nil(own_linker):
+    sentence = "Noel Harrison sang The Windmills of Your Mind."
+    result = own_linker.link(sentence, mention="Noel Harrison")
+    margin = result.candidates[0].score - result.candidates[1].score
+    above = calibrate_nil(np.array([margin + 1.0, margin + 2.0]), np.array([False, True]), np.array([True, False]),
+                          statistic="margin")
+    own_linker.set_nil_calibration(above)
+    flagged = own_linker.link(sentence, mention="Noel Harrison")
+    assert flagged.nil and flagged.nil_statistic == "margin"
+    own_linker.set_nil_calibration(None)
 
 
 # --- first stages ---------------------------------------------------------------------------------

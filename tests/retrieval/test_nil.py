@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from mmel.core.errors import DataError
-from mmel.retrieval.nil import NilCalibration, calibrate_nil, choose_simulated_nil, nil_curve
+from mmel.retrieval.nil import NilCalibration, calibrate_nil, choose_simulated_nil, nil_curve, nil_statistic
 
 # Five dev mentions, best first: two correct links, one wrong link, two NIL mentions.
 SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.3])
@@ -67,6 +69,32 @@ def test_save_load_round_trip(tmp_path):
     calibration = calibrate_nil(SCORES, CORRECT, IS_NIL, metadata={"model": "mimic", "nil_fraction": 0.4})
     loaded = NilCalibration.load(calibration.save(tmp_path / "nil.json"))
     assert loaded == calibration
+
+
+def test_version_1_files_read_as_top1_score_thresholds(tmp_path):
+    values = calibrate_nil(SCORES, CORRECT, IS_NIL).to_dict()
+    del values["statistic"]
+    values["format_version"] = 1
+    path = tmp_path / "nil.json"
+    path.write_text(json.dumps(values))
+    assert NilCalibration.load(path).statistic == "score"
+
+
+def test_statistics_of_a_ranking():
+    assert nil_statistic([3.0, 2.5, 1.0], "score") == 3.0
+    assert nil_statistic([3.0, 2.5, 1.0], "margin") == pytest.approx(0.5)
+    assert nil_statistic([3.0], "margin") == float("inf") and nil_statistic([], "score") == float("-inf")
+    with pytest.raises(ValueError, match="unknown NIL statistic"):
+        nil_statistic([1.0], "entropy")
+
+
+def test_margin_calibration_decides_on_the_gap_to_the_runner_up():
+    calibration = calibrate_nil(np.array([0.1, 0.05, 2.0, 1.5]), np.array([False, False, True, True]),
+                                np.array([True, True, False, False]), statistic="margin")
+    assert calibration.statistic == "margin" and calibration.chosen.accuracy == 1.0
+    assert calibration.is_nil_ranking([9.0, 8.95])           # a high score that barely beats a rival
+    assert not calibration.is_nil_ranking([1.0, -1.0])       # a lower score far ahead of the rest
+    assert "top-1 margin" in calibration.to_markdown()
 
 
 def test_load_rejects_other_json(tmp_path):

@@ -101,6 +101,8 @@ def calibrate_nil(
     target_precision: Annotated[float | None, typer.Option(help="With --criterion precision: the link precision "
                                                                 "to reach.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulated NIL mentions.")] = 0,
+    statistic: Annotated[str, typer.Option(help="What the threshold applies to: the top-1 'score', or its "
+                                                "'margin' over the runner-up.")] = "margin",
     report: Annotated[Path | None, typer.Option(help="Also write the trade-off table (Markdown) here.")] = None,
 ) -> None:
     """Fit the NIL threshold on a dev split and print its precision/recall trade-off."""
@@ -112,7 +114,7 @@ def calibrate_nil(
         with Linker.load(index_dir) as linker:
             calibration = linker.calibrate_nil(data.split(split), data.root, nil_fraction=nil_fraction,
                                                criterion=criterion, target_precision=target_precision,
-                                               seed=seed)
+                                               seed=seed, statistic=statistic)
             linker.set_nil_calibration(calibration)
         table = calibration.to_markdown()
         if report is not None:

@@ -63,7 +63,7 @@ def _parse_span(text: str) -> tuple[int, int]:
 
 
 def _table(result: LinkResult) -> str:
-    header = f"{result.mention.surface!r}" + (f"  NIL (best score under {result.nil_threshold:.4g})"
+    header = f"{result.mention.surface!r}" + (f"  NIL (top-1 {result.nil_statistic} under {result.nil_threshold:.4g})"
                                               if result.nil else "")
     lines = [header]
     for candidate in result.candidates:

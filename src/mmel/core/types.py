@@ -144,12 +144,16 @@ class Candidate:
 
 @dataclass(frozen=True)
 class LinkResult:
-    """The answer for one mention: ranked candidates, and `nil` when the top score is under the threshold."""
+    """The answer for one mention: ranked candidates, and `nil` when the NIL statistic is under the threshold.
+
+    `nil_statistic` names what the threshold applies to: the top-1 'score', or its 'margin' over the runner-up.
+    """
 
     mention: Mention
     candidates: tuple[Candidate, ...]
     nil: bool = False
     nil_threshold: float | None = None
+    nil_statistic: str | None = None
 
     @property
     def best(self) -> Candidate | None:

@@ -1,7 +1,8 @@
 """NIL threshold calibration: answer "no entity" when the best candidate scores below a threshold.
 
 Inputs, one value per dev mention:
-- `top1_scores`: the linker's score of its best candidate;
+- `top1_scores`: the statistic the threshold applies to (`NIL_STATISTICS`): the linker's score of
+  its best candidate ('score'), or how far that score is ahead of the runner-up's ('margin');
 - `top1_correct`: whether that candidate is the gold entity (always False for a NIL mention);
 - `is_nil`: whether the mention has no entity in the KB.
 
@@ -10,7 +11,9 @@ The published MEL datasets drop NIL mentions, so a dev split has few or none. Si
 gold entity removed from the KB, so their best candidate is some other entity, and marks them
 `is_nil=True`. A threshold fit that way learns how a confident wrong answer scores.
 
-The decision at threshold t: link to the top-1 candidate if score >= t, else answer NIL.
+The decision at threshold t: link to the top-1 candidate if statistic >= t, else answer NIL. A raw
+score says how well the best candidate fits; the margin says whether it fits better than the
+others, which is what a wrong answer (a near tie among similar names) lacks.
 Metrics at each t (over linkable mentions L, NIL mentions Z, all mentions M = L + Z):
     link precision = correct links / answered
     link recall    = correct links / |L|
@@ -37,8 +40,24 @@ from mmel.core.errors import DataError
 from mmel.core.paths import atomic_write_bytes, atomic_write_json, read_json
 
 NIL_CRITERIA = ("accuracy", "precision")
+NIL_STATISTICS = ("score", "margin")
 FORMAT_NAME = "mmel-nil-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)     # version 1 predates `statistic` and always meant 'score'
+
+
+def nil_statistic(ranked_scores: list[float] | np.ndarray, statistic: str) -> float:
+    """The value a NIL threshold applies to, from one mention's candidate scores (best first).
+
+    'margin' of a lone candidate is +inf (nothing competes with it); no candidate gives -inf.
+    """
+    if statistic not in NIL_STATISTICS:
+        raise ValueError(f"unknown NIL statistic {statistic!r}; available: {', '.join(NIL_STATISTICS)}")
+    if len(ranked_scores) == 0:
+        return float("-inf")
+    if statistic == "score":
+        return float(ranked_scores[0])
+    return float(ranked_scores[0] - ranked_scores[1]) if len(ranked_scores) > 1 else float("inf")
 MARKDOWN_PRECISIONS = (0.8, 0.9, 0.95, 0.99)
 
 
@@ -71,11 +90,16 @@ class NilCalibration:
     chosen: NilCurvePoint
     curve: list[NilCurvePoint]
     metadata: dict[str, Any] = field(default_factory=dict)  # e.g. model fingerprint, dev split, NIL simulation
+    statistic: str = "score"   # what the threshold applies to (NIL_STATISTICS)
 
-    def is_nil(self, score: float | np.ndarray) -> bool | np.ndarray:
-        """True where `score` (a top-1 score or an array of them) falls below the threshold."""
-        below = np.asarray(score) < self.threshold
+    def is_nil(self, value: float | np.ndarray) -> bool | np.ndarray:
+        """True where `value` (the statistic of one mention, or an array of them) falls below the threshold."""
+        below = np.asarray(value) < self.threshold
         return bool(below) if below.ndim == 0 else below
+
+    def is_nil_ranking(self, ranked_scores: list[float] | np.ndarray) -> bool:
+        """The decision for one mention from its candidates' scores, best first."""
+        return bool(self.is_nil(nil_statistic(ranked_scores, self.statistic)))
 
     # --- persistence ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -83,10 +107,10 @@ class NilCalibration:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: object = "NIL calibration") -> NilCalibration:
-        if values.get("format") != FORMAT_NAME or values.get("format_version") != FORMAT_VERSION:
+        if values.get("format") != FORMAT_NAME or values.get("format_version") not in READABLE_VERSIONS:
             raise DataError(f"not an mmel NIL calibration (format {values.get('format')!r}, "
-                            f"version {values.get('format_version')!r}; this mmel reads version {FORMAT_VERSION})",
-                            path=source)
+                            f"version {values.get('format_version')!r}; this mmel reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})", path=source)
         try:
             fields = {key: value for key, value in values.items() if key not in ("format", "format_version")}
             fields["chosen"] = NilCurvePoint(**fields["chosen"])
@@ -117,7 +141,7 @@ class NilCalibration:
         return rows
 
     def to_markdown(self, precisions: tuple[float, ...] = MARKDOWN_PRECISIONS) -> str:
-        header = (f"NIL threshold {self.threshold:.4g} ({self.criterion}"
+        header = (f"NIL threshold {self.threshold:.4g} on the top-1 {self.statistic} ({self.criterion}"
                   + (f", target precision {self.target_precision:g}" if self.target_precision is not None else "")
                   + f"); {self.num_mentions} dev mentions: {self.num_linkable} linkable, {self.num_nil} NIL\n\n")
         lines = ["| operating point | threshold | answered | link P | link R | link F1 | NIL P | NIL R | accuracy |",
@@ -139,7 +163,7 @@ class NilCalibration:
         trade_off.plot([p.link_recall for p in self.curve], [p.link_precision for p in self.curve])
         trade_off.scatter([self.chosen.link_recall], [self.chosen.link_precision], color="red", zorder=3,
                           label=f"chosen, t={self.threshold:.3g}")
-        trade_off.set(xlabel="link recall", ylabel="link precision", title="answer only when score >= t")
+        trade_off.set(xlabel="link recall", ylabel="link precision", title=f"answer only when {self.statistic} >= t")
         trade_off.legend()
         thresholds = [p.threshold for p in self.curve]
         for name in ("accuracy", "link_precision", "link_recall", "nil_recall"):
@@ -166,8 +190,13 @@ def nil_curve(top1_scores: np.ndarray, top1_correct: np.ndarray, is_nil: np.ndar
 
 def calibrate_nil(top1_scores: np.ndarray, top1_correct: np.ndarray, is_nil: np.ndarray, *,
                   criterion: str = "accuracy", target_precision: float | None = None,
-                  metadata: dict[str, Any] | None = None) -> NilCalibration:
-    """Fit a NIL threshold on dev mentions by `criterion` ('accuracy', or 'precision' with `target_precision`)."""
+                  metadata: dict[str, Any] | None = None, statistic: str = "score") -> NilCalibration:
+    """Fit a NIL threshold on dev mentions by `criterion` ('accuracy', or 'precision' with `target_precision`).
+
+    `top1_scores` holds each mention's `statistic` (see the module doc).
+    """
+    if statistic not in NIL_STATISTICS:
+        raise ValueError(f"unknown NIL statistic {statistic!r}; available: {', '.join(NIL_STATISTICS)}")
     if criterion not in NIL_CRITERIA:
         raise ValueError(f"unknown NIL criterion {criterion!r}; available: {', '.join(NIL_CRITERIA)}")
     if (criterion == "precision") != (target_precision is not None):
@@ -179,7 +208,7 @@ def calibrate_nil(top1_scores: np.ndarray, top1_correct: np.ndarray, is_nil: np.
     nil = np.asarray(is_nil, dtype=bool)
     return NilCalibration(threshold=chosen.threshold, criterion=criterion, target_precision=target_precision,
                           num_mentions=len(nil), num_linkable=int((~nil).sum()), num_nil=int(nil.sum()),
-                          chosen=chosen, curve=curve, metadata=dict(metadata or {}))
+                          chosen=chosen, curve=curve, metadata=dict(metadata or {}), statistic=statistic)
 
 
 def choose_simulated_nil(num_mentions: int, nil_fraction: float, *, seed: int = 0) -> np.ndarray:
@@ -250,4 +279,5 @@ def _choose(curve: list[NilCurvePoint], criterion: str, target_precision: float 
     return max(reaching, key=lambda point: point.link_recall)
 
 
-__all__ = ["NIL_CRITERIA", "NilCalibration", "NilCurvePoint", "calibrate_nil", "choose_simulated_nil", "nil_curve"]
+__all__ = ["NIL_CRITERIA", "NIL_STATISTICS", "NilCalibration", "NilCurvePoint", "calibrate_nil",
+           "choose_simulated_nil", "nil_curve", "nil_statistic"]

@@ -17,6 +17,7 @@ Letters: M mentions, N entities, b mentions in a block, n entities in a block, K
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,13 +35,14 @@ class ModelScorer:
     """Scores with a MelModel; the entity side is encoded once, the mention side once per block of rows."""
 
     def __init__(self, model: MelModel, entities: FeatureTable, mentions: FeatureTable, *,
-                 encode_batch_size: int = 1024, progress: bool = True):
+                 encode_batch_size: int = 1024, progress: bool = True, entity_cache: Any = None):
+        """`entity_cache`: the model's cache of `entities`, when already computed (e.g. for another split)."""
         self.model = model.eval()
         self.entities = entities
         self.mentions = mentions
         self.encode_batch_size = encode_batch_size
         self.progress = progress
-        self._entity_cache = None
+        self._entity_cache = entity_cache
         self._mention_rows: np.ndarray | None = None
         self._mention_cache = None
 
@@ -60,7 +62,8 @@ class ModelScorer:
         return type(parts[0]).concat(parts)
 
     @torch.inference_mode()
-    def _mentions_encoded(self, mention_rows: np.ndarray):
+    def encoded_mentions(self, mention_rows: np.ndarray):
+        """The model's mention cache for `mention_rows` (kept for the next call with the same rows)."""
         if self._mention_rows is None or not np.array_equal(self._mention_rows, mention_rows):
             self._mention_cache = self.model.encode_mentions(self.mentions.gather(mention_rows))
             self._mention_rows = np.array(mention_rows, copy=True)
@@ -69,13 +72,13 @@ class ModelScorer:
     @torch.inference_mode()
     def score_block(self, mention_rows: np.ndarray, start: int, stop: int) -> torch.Tensor:
         """[b, n] scores of mentions `mention_rows` against entity rows [start, stop)."""
-        mentions = self._mentions_encoded(mention_rows)
+        mentions = self.encoded_mentions(mention_rows)
         return self.model.match(mentions, self.entity_cache.select(slice(start, stop))).scores
 
     @torch.inference_mode()
     def rerank(self, mention_rows: np.ndarray, candidate_rows: np.ndarray) -> torch.Tensor:
         """[b, K] scores of each mention against its own K candidate entities."""
-        mentions = self._mentions_encoded(mention_rows)
+        mentions = self.encoded_mentions(mention_rows)
         return self.model.match_candidates(mentions, self.entity_cache, torch.as_tensor(candidate_rows)).scores
 
 

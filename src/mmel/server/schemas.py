@@ -67,8 +67,10 @@ class MentionOut(BaseModel):
 
 class LinkResponse(BaseModel):
     mention: MentionOut
-    nil: bool = Field(description="true when the best score is under the calibrated NIL threshold")
+    nil: bool = Field(description="true when the NIL statistic is under the calibrated NIL threshold")
     nil_threshold: float | None
+    nil_statistic: str | None = Field(description="what the threshold applies to: the top-1 'score', "
+                                                  "or its 'margin' over the runner-up")
     candidates: list[CandidateOut]
 
 
@@ -109,6 +111,7 @@ def candidate_out(candidate: Candidate, entity: Entity | None) -> CandidateOut:
 def link_response(result: LinkResult, entities: dict[str, Entity]) -> LinkResponse:
     mention = MentionOut(sentence=result.mention.sentence, surface=result.mention.surface, span=result.mention.span)
     return LinkResponse(mention=mention, nil=result.nil, nil_threshold=result.nil_threshold,
+                        nil_statistic=result.nil_statistic,
                         candidates=[candidate_out(c, entities.get(c.qid)) for c in result.candidates])
 
 

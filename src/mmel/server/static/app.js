@@ -44,7 +44,7 @@ async function loadServerInfo() {
     const index = health.index;
     $("index-info").textContent = index
       ? `${index.entities.toLocaleString()} entities · model ${index.model_type} · backbone ${index.backbone} · ` +
-        `first stage ${index.first_stage}` + (index.nil_threshold == null ? "" : ` · NIL threshold ${index.nil_threshold.toFixed(3)}`)
+        `first stage ${index.first_stage}` + (index.nil_threshold == null ? "" : ` · NIL threshold ${index.nil_threshold.toFixed(3)} on the top-1 ${index.nil_statistic || "score"}`)
       : `mmel ${health.version}` + (health.auth_required ? " · enter the access token to link" : "");
   } catch (error) {
     $("index-info").textContent = "The server does not answer.";
@@ -162,6 +162,7 @@ function renderResult(result) {
   $("result-mention").textContent = result.mention.surface;
   $("nil-banner").hidden = !result.nil;
   $("nil-threshold").textContent = result.nil_threshold == null ? "" : result.nil_threshold.toFixed(3);
+  $("nil-statistic").textContent = result.nil_statistic || "score";
   const list = $("results");
   list.replaceChildren();
   const scores = result.candidates.map((c) => c.score);
