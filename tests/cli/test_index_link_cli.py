@@ -55,6 +55,8 @@ def test_build_info_add_link_remove(tiny_index, tmp_path):
     removed = invoke("index", "remove", index, "Q999")
     assert removed.exit_code == 0 and "1 removed" in removed.output
     assert json.loads(invoke("index", "info", index).output)["revision"] == 2
+    compacted = invoke("index", "compact", index)
+    assert compacted.exit_code == 0 and "segments 2 -> 1" in compacted.output, compacted.output
 
 
 def test_user_errors_are_one_line_messages(tiny_index, tmp_path):

@@ -42,6 +42,24 @@ def test_segments_round_trip_and_newest_row_wins(tmp_path):
     assert reopened.gather(["a"]).vector[0, 0] == 1.0
 
 
+def test_compaction_keeps_live_rows_and_their_segment_metadata(tmp_path):
+    layout = CacheLayout.of(toy([0.0]))
+    store = EntityCacheStore.create(tmp_path / "cache", layout, "float16")
+    store.write_segment(["a", "b", "c"], [toy([1.0, 2.0, 3.0])], metadata={"images_root": "/one"})
+    store.write_segment(["b", "d"], [toy([5.0, 6.0])], metadata={"images_root": "/two"})
+    store.write_segment(["e"], [toy([7.0])], metadata={"images_root": "/one"})
+    store.forget(["c"])
+    report = store.compact(chunk_rows=1)
+    assert (report.rows_before, report.rows_after, report.segments_before, report.segments_after) == (6, 4, 3, 2)
+    reopened = EntityCacheStore.open(tmp_path / "cache", layout, live_qids=["a", "b", "d", "e"])
+    assert reopened.gather(["a", "b", "d", "e"]).vector[:, 0].tolist() == [1.0, 5.0, 6.0, 7.0]
+    assert [reopened.segment_metadata(q)["images_root"] for q in "abde"] == ["/one", "/two", "/two", "/one"]
+    segments = sorted(path.name for path in (tmp_path / "cache").iterdir() if path.is_dir())
+    assert segments == ["segment-000003", "segment-000004"]       # old ones deleted, names never reused
+    reopened.write_segment(["f"], [toy([8.0])])
+    assert reopened.gather(["f"]).vector[0, 0] == 8.0 and reopened.num_segments == 3
+
+
 def test_float16_storage_rounds(tmp_path):
     store = EntityCacheStore.create(tmp_path / "cache", CacheLayout.of(toy([0.0])), "float16")
     store.write_segment(["a"], [toy([1.0001])])

@@ -196,6 +196,13 @@ def test_update_renames_and_remove_forgets(own_linker, index_copy, linker_backbo
     with Linker.load(index_copy, backbone=linker_backbone) as reloaded:
         assert "Q90" not in {c.qid for c in reloaded.link("Paris", mention="Paris", top_k=8).candidates}
         assert len(reloaded) == 6
+        before = reloaded.link("We flew to Paris to see the Eiffel Tower.", mention="Paris", top_k=6)
+        report = reloaded.compact()
+        assert (report.rows_before, report.rows_after) == (9, 6) and reloaded.info()["cache_rows_on_disk"] == 6
+        after = reloaded.link("We flew to Paris to see the Eiffel Tower.", mention="Paris", top_k=6)
+        assert [(c.qid, c.score) for c in after.candidates] == [(c.qid, c.score) for c in before.candidates]
+    with Linker.load(index_copy, backbone=linker_backbone) as compacted:
+        assert len(compacted) == 6 and compacted.info()["cache_rows_on_disk"] == 6
 
 
 def test_remove_unknown_qid_changes_nothing(own_linker):

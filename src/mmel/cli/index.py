@@ -81,6 +81,17 @@ def remove(
 
 
 @app.command()
+def compact(index_dir: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
+    """Reclaim the disk space that removed and replaced entities still use in the reranker cache."""
+    from mmel.retrieval.linker import Linker
+
+    with exit_on_user_errors(), Linker.load(index_dir) as linker:
+        report = linker.compact()
+    typer.echo(f"cache rows {report.rows_before:,} -> {report.rows_after:,}, "
+               f"segments {report.segments_before} -> {report.segments_after}")
+
+
+@app.command()
 def info(index_dir: Annotated[Path, typer.Argument(help="Index directory.")]) -> None:
     """Describe an index (model, backbone, KB checksum, counts, changes) as JSON."""
     from mmel.retrieval.index_build import describe_index

@@ -11,7 +11,10 @@ float16 on disk, read through the page cache.
 Layout: `segments.json` lists segments (name + metadata) in write order; each segment directory holds `qids.json`
 and one `<field>.npy` per cache field (rows aligned with the QIDs). Adding entities writes a new
 segment; an updated entity's newest row wins; removed entities simply lose their location (the
-caller passes the live QIDs), so no segment is ever rewritten. The cache class must be a
+caller passes the live QIDs), so adding and removing never rewrite a segment. Dead rows stay on
+disk until `compact` copies the live rows into fresh segments (one per distinct segment
+metadata) and deletes the old ones; the listing switches in one atomic write, so an interrupted
+compaction leaves the old segments in use. The cache class must be a
 dataclass whose fields are tensors with one row per entity (MIMIC's `_RowCache` pattern).
 
 Shapes: N entities, K gathered rows; each field is [N, *trailing].
@@ -20,6 +23,9 @@ Shapes: N entities, K gathered rows; each field is [N, *trailing].
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import shutil
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,7 @@ from mmel.core.errors import DataError, MismatchError
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 
 SEGMENTS_FILE = "segments.json"
+SEGMENT_NAME = re.compile(r"segment-(\d{6,})")
 QIDS_FILE = "qids.json"
 STORAGE_DTYPES = ("float32", "float16")
 
@@ -71,6 +78,14 @@ class CacheLayout:
         if described != self.describe():
             raise MismatchError(f"{source}: the stored entity cache ({described}) does not fit this model's cache "
                                 f"({self.describe()}); rebuild the index with this model")
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    rows_before: int       # rows on disk, dead ones included
+    segments_before: int
+    rows_after: int        # = live entities
+    segments_after: int
 
 
 class EntityCacheStore:
@@ -151,7 +166,34 @@ class EntityCacheStore:
 
         `metadata` (JSON) is kept with the segment, e.g. the directory its entities' image paths start from.
         """
-        name = f"segment-{len(self._segment_info):06d}"
+        name = self._next_segment_name()
+        self._write_segment_files(name, qids, caches)
+        self._map_segment({"name": name, "metadata": dict(metadata or {})})
+        self._save_listing()
+
+    def compact(self, *, chunk_rows: int = 8192) -> CompactionReport:
+        """Rewrite the live rows into fresh segments and delete the old ones (reclaims removed/updated rows)."""
+        before = CompactionReport(rows_before=self.stored_rows(), segments_before=self.num_segments,
+                                  rows_after=0, segments_after=0)
+        groups: dict[str, list[str]] = {}          # segment metadata (as JSON) -> live QIDs, in storage order
+        for qid, (segment, _) in sorted(self._location.items(), key=lambda item: item[1]):
+            groups.setdefault(json.dumps(self._segment_info[segment]["metadata"], sort_keys=True), []).append(qid)
+        old_names = [info["name"] for info in self._segment_info]
+        new_infos = []
+        for metadata, qids in groups.items():
+            name = self._next_segment_name()
+            chunks = (self.gather(qids[start:start + chunk_rows]) for start in range(0, len(qids), chunk_rows))
+            self._write_segment_files(name, qids, chunks)
+            new_infos.append({"name": name, "metadata": json.loads(metadata)})
+        self._segments, self._segment_info, self._location = [], [], {}
+        for info in new_infos:
+            self._map_segment(info)
+        self._save_listing()
+        for name in old_names:
+            shutil.rmtree(self.directory / name, ignore_errors=True)
+        return dataclasses.replace(before, rows_after=self.stored_rows(), segments_after=self.num_segments)
+
+    def _write_segment_files(self, name: str, qids: Sequence[str], caches: Iterable[Any]) -> None:
         with atomic_directory(self.directory / name) as tmp:
             arrays = {field_name: np.lib.format.open_memmap(
                           tmp / f"{field_name}.npy", mode="w+", shape=(len(qids), *shape),
@@ -170,8 +212,12 @@ class EntityCacheStore:
                 array.flush()
             del arrays
             atomic_write_json(tmp / QIDS_FILE, list(qids), indent=None)
-        self._map_segment({"name": name, "metadata": dict(metadata or {})})
-        self._save_listing()
+
+    def _next_segment_name(self) -> str:
+        """One past the highest segment number listed or on disk (so a leftover of a crash is never reused)."""
+        names = [info["name"] for info in self._segment_info] + [path.name for path in self.directory.iterdir()]
+        numbers = [int(match.group(1)) for name in names if (match := SEGMENT_NAME.fullmatch(name))]
+        return f"segment-{max(numbers, default=-1) + 1:06d}"
 
     def segment_metadata(self, qid: str) -> dict[str, Any]:
         """The metadata of the segment holding `qid`'s current row (KeyError if it has none)."""
@@ -212,4 +258,4 @@ class EntityCacheStore:
             "segments": self._segment_info, "storage_dtype": self.storage_dtype, "layout": self.layout.describe()})
 
 
-__all__ = ["STORAGE_DTYPES", "CacheLayout", "EntityCacheStore"]
+__all__ = ["STORAGE_DTYPES", "CacheLayout", "CompactionReport", "EntityCacheStore"]

@@ -49,7 +49,7 @@ from mmel.features.store import encode_items
 from mmel.models import load_model
 from mmel.models.base import MelModel
 from mmel.retrieval.bm25 import BM25Index, query_text
-from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
+from mmel.retrieval.entity_cache import CacheLayout, CompactionReport, EntityCacheStore
 from mmel.retrieval.index import VectorIndex
 from mmel.retrieval.index_build import (
     BM25_DIR,
@@ -428,6 +428,11 @@ class Linker:
             record_change(self.manifest, added=0, updated=0, removed=len(qids))
             write_manifest(self.directory, self.manifest)
         return ChangeReport(removed=len(qids))
+
+    def compact(self) -> CompactionReport:
+        """Reclaim the disk space of removed and replaced entities' cache rows (see `EntityCacheStore.compact`)."""
+        with self._lock:
+            return self._cache.compact()
 
     def _upsert_vectors(self, qids: list[str], vectors: np.ndarray) -> None:
         present = np.array([qid in self._vectors for qid in qids], dtype=bool)
