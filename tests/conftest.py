@@ -7,6 +7,7 @@ from the real pipeline (query encoding, first stage, reranking). Nothing here re
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import threading
@@ -147,18 +148,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def running_server(shared_linker, tiny_index) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1 (free port) serving the shared linker; yields its base URL."""
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Run `app` under a real uvicorn server on 127.0.0.1 (free port) in a thread; yields its base URL."""
     import uvicorn
 
-    from mmel.server.app import create_app
-    from mmel.server.settings import ServerSettings
-
     port = free_port()
-    settings = ServerSettings(index_dir=tiny_index.index_dir, port=port)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, linker=shared_linker), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -171,3 +167,19 @@ def running_server(shared_linker, tiny_index) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """`serving`, for tests that need a server with their own settings."""
+    return serving
+
+
+@pytest.fixture(scope="module")
+def running_server(shared_linker, tiny_index) -> Iterator[str]:
+    """A real uvicorn server serving the shared linker with default settings; yields its base URL."""
+    from mmel.server.app import create_app
+    from mmel.server.settings import ServerSettings
+
+    with serving(create_app(ServerSettings(index_dir=tiny_index.index_dir), linker=shared_linker)) as url:
+        yield url

@@ -1,7 +1,8 @@
 """The FastAPI application: `create_app(settings)` wires the routers, limits, error handlers and web page.
 
 The Linker is loaded once in the lifespan (or handed in, already loaded) and shared by every
-request through `app.state`. Bad input never reaches the generic 500 handler: validation errors
+request through `app.state`, with a `LinkBatcher` that joins concurrent `POST /link` requests
+into one linker call. Bad input never reaches the generic 500 handler: validation errors
 are 422, size limits 413, auth 401/403, unknown entities 404, time limits 504; a 500 means a bug
 and is logged with its traceback.
 """
@@ -23,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 
 from mmel import __version__
 from mmel.retrieval.linker import Linker, QueryError
+from mmel.server.batching import LinkBatcher
 from mmel.server.limits import BodySizeLimitMiddleware
 from mmel.server.routers import entities, health, link
 from mmel.server.settings import ServerSettings
@@ -43,9 +45,13 @@ def create_app(settings: ServerSettings, *, linker: Linker | None = None) -> Fas
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = linker if linker is not None else Linker.load(settings.index_dir)
         app.state.linker = loaded
+        app.state.batcher = LinkBatcher(loaded, max_batch=settings.max_batch,
+                                        max_wait_s=settings.link_batch_wait_ms / 1000)
+        app.state.batcher.start()
         try:
             yield
         finally:
+            await app.state.batcher.stop()
             if linker is None:
                 loaded.close()
 

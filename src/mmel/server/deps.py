@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Annotated, TypeVar
 
@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mmel.retrieval.linker import Linker
+from mmel.server.batching import LinkBatcher
 from mmel.server.settings import ServerSettings
 
 T = TypeVar("T")
@@ -28,6 +29,10 @@ def get_linker(request: Request) -> Linker:
     return request.app.state.linker
 
 
+def get_batcher(request: Request) -> LinkBatcher:
+    return request.app.state.batcher
+
+
 def is_authorized(settings: ServerSettings, credentials: HTTPAuthorizationCredentials | None) -> bool:
     """True when no token is configured, or the request carries exactly that token (constant-time compare)."""
     if settings.token is None:
@@ -39,6 +44,7 @@ def is_authorized(settings: ServerSettings, credentials: HTTPAuthorizationCreden
 
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 LinkerDep = Annotated[Linker, Depends(get_linker)]
+BatcherDep = Annotated[LinkBatcher, Depends(get_batcher)]
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
@@ -59,8 +65,13 @@ async def run_with_timeout(function: Callable[[], T], timeout_s: float) -> T:
     A thread cannot be killed, so the work finishes in the background after a timeout; the client
     gets its answer on time and the Linker's own locks keep the late result from doing harm.
     """
+    return await await_with_timeout(run_in_threadpool(function), timeout_s)
+
+
+async def await_with_timeout(work: Awaitable[T], timeout_s: float) -> T:
+    """`work`'s result; 504 when it takes longer than `timeout_s`."""
     try:
-        return await asyncio.wait_for(run_in_threadpool(function), timeout=timeout_s)
+        return await asyncio.wait_for(work, timeout=timeout_s)
     except asyncio.TimeoutError:
         raise HTTPException(HTTPStatus.GATEWAY_TIMEOUT,
                             f"the request took longer than the server's limit of {timeout_s:g} s") from None

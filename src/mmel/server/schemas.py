@@ -92,6 +92,9 @@ class HealthResponse(BaseModel):
     auth_required: bool
     index: dict[str, object] | None = Field(
         default=None, description="index facts (model, backbone, entity count); omitted for callers without the token")
+    link_calls_by_batch_size: dict[int, int] | None = Field(
+        default=None, description="POST /link dynamic batching so far: linker calls per number of requests joined; "
+                                  "omitted for callers without the token")
 
 
 class ErrorResponse(BaseModel):

@@ -24,3 +24,6 @@ class ServerSettings(BaseModel):
     max_top_k: int = Field(default=100, gt=0)
     max_candidates_k: int = Field(default=1000, gt=0)
     request_timeout_s: float = Field(default=30.0, gt=0)
+    link_batch_wait_ms: float = Field(default=2.0, ge=0, description=(
+        "how long a POST /link waits for other requests to be linked with it in one call (dynamic batching; "
+        "requests that queue up while a call runs join the next one regardless)"))

@@ -5,13 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from mmel import __version__
-from mmel.server.deps import CredentialsDep, LinkerDep, SettingsDep, is_authorized
+from mmel.server.deps import BatcherDep, CredentialsDep, LinkerDep, SettingsDep, is_authorized
 from mmel.server.schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=HealthResponse, summary="Is the server up, and what does it serve")
-def health(linker: LinkerDep, settings: SettingsDep, credentials: CredentialsDep) -> HealthResponse:
-    index = linker.info() if is_authorized(settings, credentials) else None
-    return HealthResponse(status="ok", version=__version__, auth_required=settings.token is not None, index=index)
+def health(linker: LinkerDep, batcher: BatcherDep, settings: SettingsDep, credentials: CredentialsDep
+           ) -> HealthResponse:
+    if not is_authorized(settings, credentials):
+        return HealthResponse(status="ok", version=__version__, auth_required=settings.token is not None)
+    return HealthResponse(status="ok", version=__version__, auth_required=settings.token is not None,
+                          index=linker.info(),
+                          link_calls_by_batch_size=dict(sorted(batcher.stats.calls_by_size.items())))

@@ -8,13 +8,14 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import ValidationError
 
 from mmel.core.images import ImageTooLargeError, decode_image
 from mmel.retrieval.linker import MentionQuery
-from mmel.server.deps import LinkerDep, SettingsDep, require_token, run_with_timeout
+from mmel.server.deps import BatcherDep, LinkerDep, SettingsDep, await_with_timeout, require_token, run_with_timeout
 from mmel.server.schemas import (
     MAX_SENTENCE_CHARS,
     ErrorResponse,
@@ -57,18 +58,18 @@ router = APIRouter(tags=["link"], dependencies=[Depends(require_token)], respons
 
 @router.post("/link", response_model=LinkResponse, openapi_extra=_LINK_BODY_DOC,
              summary="Link one mention (JSON body, or multipart form with an image file)")
-async def link(request: Request, linker: LinkerDep, settings: SettingsDep) -> LinkResponse:
+async def link(request: Request, linker: LinkerDep, batcher: BatcherDep, settings: SettingsDep) -> LinkResponse:
     payload, image_bytes = await _read_link_request(request)
     _check_ranking_limits(payload.top_k, payload.candidates_k, settings)
     image_bytes = image_bytes if image_bytes is not None else _base64_image(payload.image_base64, settings)
 
-    def work() -> LinkResponse:
-        query = _mention_query(payload, _decoded_image(image_bytes, settings))
-        result = linker.link(query.sentence, mention=query.mention, span=query.span, image=query.image,
-                             top_k=payload.top_k, candidates_k=payload.candidates_k)
-        return link_response(result, linker.entities([c.qid for c in result.candidates]))
+    async def work() -> LinkResponse:
+        query = await run_in_threadpool(lambda: _mention_query(payload, _decoded_image(image_bytes, settings)))
+        result = await batcher.link(query, top_k=payload.top_k, candidates_k=payload.candidates_k)
+        return await run_in_threadpool(
+            lambda: link_response(result, linker.entities([c.qid for c in result.candidates])))
 
-    return await run_with_timeout(work, settings.request_timeout_s)
+    return await await_with_timeout(work(), settings.request_timeout_s)
 
 
 @router.post("/link/batch", response_model=LinkBatchResponse, summary="Link several mentions in one call")
