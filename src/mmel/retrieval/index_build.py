@@ -12,8 +12,10 @@
     <index>/nil.json          optional NilCalibration (`mmel index calibrate-nil`)
 
 `mmel.retrieval.linker.Linker` opens it. Entity features come from the feature store when one is
-given (`build_features` reuses every entry already encoded), else they are encoded on the fly with
-the same calls the store makes (`encode_items`), so both paths give the same features.
+given (`build_features` reuses every entry already encoded), from a caller's FeatureTable
+(`entity_features`: features computed elsewhere, or synthetic ones for benchmarks), else they are
+encoded on the fly with the same calls the store makes (`encode_items`), so the store and on-the-fly
+paths give the same features.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from mmel.backbones.base import Backbone
 from mmel.core.checkpoint import WEIGHTS_FILE, read_checkpoint_header
 from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.errors import DataError, MismatchError
-from mmel.core.features import FeatureBatch
+from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.images import ImageReport, load_image
 from mmel.core.manifest import read_manifest as read_versioned_manifest
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
@@ -82,6 +85,7 @@ class IndexBuildConfig(ConfigBase):
     float32_cache_max_entities: int = 200_000  # 'auto' stores float32 up to this many entities, float16 above
     bm25_fields: str = "name"                # BM25 documents: 'name' or 'name+text'
     encode_batch_size: int = 64              # entities per backbone / model batch while building
+    name_prior_weight: float | None = None   # surface-name match added to reranker scores; None: the checkpoint's
 
     def __post_init__(self) -> None:
         choices = (("first_stage", FIRST_STAGES), ("reranker", RERANKERS), ("cache_dtype", CACHE_DTYPES),
@@ -92,6 +96,8 @@ class IndexBuildConfig(ConfigBase):
         for name in ("exact_max_entities", "float32_cache_max_entities", "encode_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"IndexBuildConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.name_prior_weight is not None and self.name_prior_weight < 0:
+            raise ConfigError(f"IndexBuildConfig.name_prior_weight must be >= 0, got {self.name_prior_weight}")
 
     def storage_dtype(self, num_entities: int) -> str:
         if self.cache_dtype != "auto":
@@ -112,6 +118,7 @@ class ModelSpec:
     backbone_fingerprint: str | None
     template: TextTemplate
     max_text_length: int
+    name_prior_weight: float = 0.0   # tuned weight of the surface-name match (config.json "inference"), 0 = none
 
     @classmethod
     def read(cls, checkpoint_dir: Path) -> ModelSpec:
@@ -122,7 +129,8 @@ class ModelSpec:
                    backbone_name=backbone.get("name", "minilm_effnet"),
                    backbone_fingerprint=backbone.get("fingerprint"),
                    template=_template_from(preprocess, source=Path(checkpoint_dir)),
-                   max_text_length=int(preprocess.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)))
+                   max_text_length=int(preprocess.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)),
+                   name_prior_weight=float((header.get("inference") or {}).get("name_prior_weight", 0.0)))
 
 
 @dataclass
@@ -138,6 +146,7 @@ class IndexBuildReport:
     seconds: float
     bytes_on_disk: int
     image_report: ImageReport = field(default_factory=ImageReport)
+    stage_seconds: dict[str, float] = field(default_factory=dict)   # where `seconds` went, stage by stage
 
     def summary(self) -> str:
         return (f"{self.directory}: {self.entities} entities ({self.with_image} with an image), first stage "
@@ -169,42 +178,53 @@ def load_checked_backbone(spec: ModelSpec, backbone: Backbone | None = None) -> 
 
 
 def build_index(dataset: Dataset, checkpoint_dir: Path, out_dir: Path, *, config: IndexBuildConfig | None = None,
-                features_store: Path | None = None, backbone: Backbone | None = None,
-                progress: bool = True) -> IndexBuildReport:
-    """Build the index of `dataset.kb` for the model in `checkpoint_dir` at `out_dir` (atomically)."""
+                features_store: Path | None = None, entity_features: FeatureTable | None = None,
+                backbone: Backbone | None = None, progress: bool = True) -> IndexBuildReport:
+    """Build the index of `dataset.kb` for the model in `checkpoint_dir` at `out_dir` (atomically).
+
+    `entity_features` gives the KB's features in KB row order instead of the store or the backbone;
+    the backbone is then not loaded, so nothing checks that they come from the model's backbone.
+    """
     started = time.perf_counter()
     config = config or IndexBuildConfig()
     kb = dataset.kb
-    if len(kb) == 0:
-        raise DataError("the knowledge base is empty; nothing to index", path=dataset.root)
-    if kb.duplicate_qids:
-        raise DataError(f"{len(kb.duplicate_qids)} duplicate QIDs in the knowledge base, e.g. "
-                        f"{list(kb.duplicate_qids[:5])}", path=dataset.root)
-    spec = ModelSpec.read(checkpoint_dir)
-    model = load_model(checkpoint_dir)
-    backbone = load_checked_backbone(spec, backbone)
+    _check_buildable(dataset, features_store, entity_features)
+    stages: dict[str, float] = {}
+    with _stage(stages, "load_model"):
+        spec = ModelSpec.read(checkpoint_dir)
+        model = load_model(checkpoint_dir)
+        backbone = load_checked_backbone(spec, backbone) if entity_features is None else None
     storage_dtype = config.storage_dtype(len(kb))
     report = ImageReport()
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp, torch.inference_mode():
-        batches = (_stored_feature_batches(dataset, backbone, spec, features_store, config, progress)
-                   if features_store is not None else
-                   encode_entity_batches(backbone, list(kb), dataset.root, spec, config.encode_batch_size, report))
-        vectors, with_image = _write_entity_cache(tmp / CACHE_DIR, model, kb, batches, storage_dtype,
-                                                  Path(dataset.root).resolve(), progress)
-        vectors_index = VectorIndex.build(vectors, kb.qids, config.vector_index_config(), progress=progress,
-                                          metadata=_vector_metadata(spec))
-        vectors_index.save(tmp / VECTORS_DIR)
-        EntityStore.create(tmp / ENTITIES_FILE, kb, progress=progress).close()
+        with _stage(stages, "entity_cache"):
+            if entity_features is not None:
+                batches = _table_batches(entity_features, config.encode_batch_size)
+            elif features_store is not None:
+                batches = _stored_feature_batches(dataset, backbone, spec, features_store, config, progress)
+            else:
+                batches = encode_entity_batches(backbone, list(kb), dataset.root, spec, config.encode_batch_size,
+                                                report)
+            vectors, with_image = _write_entity_cache(tmp / CACHE_DIR, model, kb, batches, storage_dtype,
+                                                      Path(dataset.root).resolve(), progress)
+        with _stage(stages, "vectors"):
+            vectors_index = VectorIndex.build(vectors, kb.qids, config.vector_index_config(), progress=progress,
+                                              metadata=_vector_metadata(spec))
+            vectors_index.save(tmp / VECTORS_DIR)
+        with _stage(stages, "entity_store"):
+            EntityStore.create(tmp / ENTITIES_FILE, kb, progress=progress).close()
         if config.first_stage != "dense":
-            BM25Index.build(kb, config.bm25_fields).save(tmp / BM25_DIR)  # type: ignore[arg-type]
-        shutil.copytree(checkpoint_dir, tmp / MODEL_DIR)
-        manifest = _new_manifest(spec, config, dataset, storage_dtype, vectors_index.kind, with_image)
-        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+            with _stage(stages, "bm25"):
+                BM25Index.build(kb, config.bm25_fields).save(tmp / BM25_DIR)  # type: ignore[arg-type]
+        with _stage(stages, "model_and_manifest"):
+            shutil.copytree(checkpoint_dir, tmp / MODEL_DIR)
+            manifest = _new_manifest(spec, config, dataset, storage_dtype, vectors_index.kind, with_image)
+            atomic_write_json(tmp / MANIFEST_FILE, manifest)
     built = IndexBuildReport(directory=out_dir, entities=len(kb), with_image=with_image,
                              first_stage=config.first_stage, vector_index=vectors_index.kind,
                              cache_dtype=storage_dtype, seconds=time.perf_counter() - started,
-                             bytes_on_disk=_directory_bytes(out_dir), image_report=report)
+                             bytes_on_disk=_directory_bytes(out_dir), image_report=report, stage_seconds=stages)
     logger.info("%s", built.summary())
     return built
 
@@ -257,6 +277,36 @@ def record_change(manifest: dict[str, Any], **counts: int) -> None:
     del log[:-CHANGE_LOG_LENGTH]
 
 
+def _check_buildable(dataset: Dataset, features_store: Path | None, entity_features: FeatureTable | None) -> None:
+    kb = dataset.kb
+    if len(kb) == 0:
+        raise DataError("the knowledge base is empty; nothing to index", path=dataset.root)
+    if kb.duplicate_qids:
+        raise DataError(f"{len(kb.duplicate_qids)} duplicate QIDs in the knowledge base, e.g. "
+                        f"{list(kb.duplicate_qids[:5])}", path=dataset.root)
+    if entity_features is not None and features_store is not None:
+        raise ValueError("give entity features either as a feature store or as a table, not both")
+    if entity_features is not None and len(entity_features) != len(kb):
+        raise MismatchError(f"the entity feature table has {len(entity_features)} rows but the knowledge base has "
+                            f"{len(kb)} entities; they must be in KB row order")
+
+
+@contextmanager
+def _stage(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to `stages[name]`."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
+
+
+def _table_batches(table: FeatureTable, batch_size: int) -> Iterator[FeatureBatch]:
+    """The rows of `table` in order, `batch_size` at a time."""
+    for start in range(0, len(table), batch_size):
+        yield table.gather(np.arange(start, min(start + batch_size, len(table))))
+
+
 def _stored_feature_batches(dataset: Dataset, backbone: Backbone, spec: ModelSpec, store_dir: Path,
                             config: IndexBuildConfig, progress: bool) -> Iterator[FeatureBatch]:
     """Entity features from the feature store (encoding only what it lacks), in KB order."""
@@ -266,9 +316,7 @@ def _stored_feature_batches(dataset: Dataset, backbone: Backbone, spec: ModelSpe
     if features.template != spec.template:
         raise MismatchError(f"{features.view_dir}: template {features.template} differs from the model's "
                             f"{spec.template}")
-    table = features.entities
-    for start in range(0, len(table), config.encode_batch_size):
-        yield table.gather(np.arange(start, min(start + config.encode_batch_size, len(table))))
+    yield from _table_batches(features.entities, config.encode_batch_size)
 
 
 def _write_entity_cache(directory: Path, model: MelModel, kb: KnowledgeBase, batches: Iterator[FeatureBatch],
@@ -312,6 +360,7 @@ def _new_manifest(spec: ModelSpec, config: IndexBuildConfig, dataset: Dataset, s
                "entities_at_build": len(dataset.kb), "with_image_at_build": with_image},
         "first_stage": config.first_stage, "reranker": config.reranker, "vector_index": vector_kind,
         "bm25_fields": config.bm25_fields, "cache_dtype": storage_dtype,
+        "name_prior_weight": spec.name_prior_weight if config.name_prior_weight is None else config.name_prior_weight,
         "build_config": config.to_dict(), "revision": 0, "changes": [],
     }
 

@@ -1,0 +1,70 @@
+"""bench/bench_linker.py at toy size: synthetic entity features are reproducible row by row, and the
+build / serve / exhaustive steps run in-process on a 600-entity KB and report consistent numbers."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmel.core.features import FeatureBatch
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "mimic-wikimel-minilm_effnet"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    return importlib.import_module("bench_linker")
+
+
+def planted_batch() -> FeatureBatch:
+    """Two planted rows for a table of text width 8, 3 tokens, image width 5, 2 patches of width 4."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = {"text_global": (8,), "text_tokens": (3, 8), "image_global": (5,), "image_patches": (2, 4)}
+    values = {name: torch.randn(2, *shape, generator=generator) for name, shape in shapes.items()}
+    return FeatureBatch(**values, text_mask=torch.ones(2, 3, dtype=torch.bool), has_image=torch.tensor([True, False]))
+
+
+def test_synthetic_rows_do_not_depend_on_how_they_are_gathered(bench):
+    dims = {"text_dim": 8, "image_global_dim": 5, "image_patch_dim": 4, "num_patches": 2}
+    planted = bench.planted_copies(planted_batch(), seed=3)
+    table = bench.SyntheticEntityFeatures(500, text_length=3, spec_dims=dims, seed=3,
+                                          planted_rows=np.array([7, 400]), planted=planted)
+    whole = table.gather(np.arange(500))
+    parts = table.gather(np.array([400, 7, 123]))
+    for name in ("text_global", "text_tokens", "image_global", "image_patches", "has_image"):
+        torch.testing.assert_close(getattr(parts, name), getattr(whole, name)[[400, 7, 123]])
+    torch.testing.assert_close(whole.text_global.norm(dim=-1), torch.ones(500))
+    torch.testing.assert_close(whole.text_tokens[7], planted.text_tokens[0])
+    torch.testing.assert_close(whole.image_patches[7], planted.image_patches[0])
+    torch.testing.assert_close(whole.text_global[400], planted.text_global[1])
+    assert not torch.equal(whole.image_global[400], planted.image_global[1])   # no image: the random one stays
+    assert 0.5 < whole.has_image.float().mean() < 0.9
+    assert table.text_global_matrix().shape == (500, 8) and table.generation_seconds > 0
+
+
+def test_build_serve_and_exhaustive_at_toy_size(bench, linker_backbone, tmp_path):
+    settings = bench.Settings(checkpoint=CHECKPOINT, ks=(10, 20), latency_queries=2, batch_queries=4,
+                              exhaustive_pairs=10_000, exhaustive_max_entities=1_000, threads=1, seed=0)
+    build = bench.run_build(600, settings, tmp_path, backbone=linker_backbone)
+    assert build["vector_index"] == "flat" and build["cache_dtype"] == "float32"
+    assert {"entity_cache", "vectors", "entity_store"} <= set(build["stages_s"]) and build["disk_mib"] > 0
+
+    serve = bench.run_serve(600, settings, tmp_path, backbone=linker_backbone)
+    assert [search["k"] for search in serve["searches"]] == [10, 20]
+    for search in serve["searches"]:
+        assert search["batch_mentions_per_s"] > 0 and search["p95_ms"] >= search["p50_ms"] > 0
+        assert search["gold_in_top_10"] == 1.0 and len(search["top1_qids"]) == 4
+
+    exhaustive = bench.run_exhaustive(600, settings, tmp_path)
+    assert exhaustive["mentions"] == 4 and exhaustive["gold_at_1"] == 1.0
+    comparison = bench.compare(serve, exhaustive)
+    assert comparison["k"] == 20 and comparison["top1_agreement"] == 1.0
+    results = {"settings": {"ks": [10, 20]}, "cases": [{"size": 600, "build": build, "serve": serve,
+                                                         "exhaustive": exhaustive, "comparison": comparison}]}
+    assert bench.markdown(results).splitlines()[2].startswith("| 600 | flat | float32 |")
