@@ -90,3 +90,45 @@ def test_evaluate_refuses_features_made_with_other_preprocessing(tiny_index, tin
     features = build_features(dataset, linker_backbone, tmp_path / "store", max_text_length=16, progress=False)
     with pytest.raises(MismatchError, match="max text length 16 \\(model: 40\\)"):
         evaluate(dataset, "test", str(tiny_index.checkpoint), features=features, progress=False)
+
+
+def test_name_match_baseline_and_model_with_a_name_prior(tiny_index, tiny_dataset_dir, tmp_path, linker_backbone):
+    from mmel.data import load_dataset
+    from mmel.features.store import build_features
+    from mmel.retrieval.evaluate import evaluate
+
+    dataset = load_dataset(tiny_dataset_dir)
+    features = build_features(dataset, linker_backbone, tmp_path / "store", progress=False)
+    baseline = evaluate(dataset, "test", "name-match", features=features, progress=False)
+    assert baseline.model == "name-match+dense-ties" and 0.0 < baseline.metrics["hits@1"] <= 1.0
+    plain = evaluate(dataset, "test", "name-match", progress=False)
+    assert plain.model == "name-match" and plain.metrics["hits@1"] <= baseline.metrics["hits@1"]
+    for first_stage in (None, "hybrid"):
+        prior = evaluate(dataset, "test", str(tiny_index.checkpoint), features=features, first_stage=first_stage,
+                         num_candidates=8, name_prior_weight=1e6, progress=False)
+        assert "+name-prior" in prior.model and prior.extra["name_prior_weight"] == 1e6
+        # a huge weight makes the name match decide and the model only break its ties
+        assert prior.metrics["hits@1"] >= baseline.metrics["hits@1"] - 1e-9
+    with pytest.raises(ValueError, match="trained models only"):
+        evaluate(dataset, "test", "bm25", name_prior_weight=2.0, progress=False)
+
+
+def test_tune_name_prior_writes_the_best_weight_into_the_checkpoint(tiny_index, tiny_dataset_dir, tmp_path,
+                                                                     linker_backbone):
+    import shutil
+
+    from mmel.data import load_dataset
+    from mmel.features.store import build_features
+    from mmel.retrieval.index_build import ModelSpec
+
+    checkpoint = shutil.copytree(tiny_index.checkpoint, tmp_path / "ckpt")
+    build_features(load_dataset(tiny_dataset_dir), linker_backbone, tmp_path / "store", progress=False)
+    result = runner.invoke(app, ["tune-name-prior", str(checkpoint), "--data", str(tiny_dataset_dir), "--features",
+                                 str(tmp_path / "store"), "--split", "test", "--weight", "0", "--weight", "3",
+                                 "--candidates", "8", "--write"])
+    assert result.exit_code == 0, result.output
+    assert "| weight | H@1 |" in result.output and "(best)" in result.output
+    best_row = next(line for line in result.output.splitlines() if "(best)" in line)
+    assert ModelSpec.read(checkpoint).name_prior_weight == float(best_row.split("|")[1].split()[0])
+    header = json.loads((checkpoint / "config.json").read_text())
+    assert header["inference"]["tuned_on"].startswith("tiny test")

@@ -321,3 +321,19 @@ def test_link_jsonl_refuses_a_foreign_output_file(shared_linker, tmp_path):
     with pytest.raises(DataError, match="line 1"):
         link_jsonl(shared_linker, source, output, progress=False)
 
+
+
+def test_name_prior_adds_the_weighted_surface_name_match(shared_linker, tiny_index, linker_backbone, tmp_path):
+    from mmel.retrieval.index_build import IndexBuildConfig
+    from mmel.retrieval.name_match import name_match
+
+    build_index(tiny_index.dataset, tiny_index.checkpoint, tmp_path / "prior",
+                config=IndexBuildConfig(name_prior_weight=2.0), backbone=linker_backbone, progress=False)
+    sentence = "Mercury sang Bohemian Rhapsody with Queen."
+    plain = {c.qid: c for c in shared_linker.link(sentence, mention="Mercury", top_k=8).candidates}
+    with Linker.load(tmp_path / "prior", backbone=linker_backbone) as linker:
+        assert linker.info()["name_prior_weight"] == 2.0 and shared_linker.name_prior_weight == 0.0
+        for candidate in linker.link(sentence, mention="Mercury", top_k=8).candidates:
+            match = name_match("Mercury", linker.entity(candidate.qid).name)
+            assert candidate.unit_scores["name_match"] == match
+            assert candidate.score == pytest.approx(plain[candidate.qid].score + 2.0 * match, abs=1e-2)  # store fp16

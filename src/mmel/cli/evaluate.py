@@ -15,7 +15,8 @@ console = Console()
 
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout).")],
-    model: Annotated[str, typer.Option(help="bm25, bm25-text, dense, or a trained checkpoint directory.")] = "bm25",
+    model: Annotated[str, typer.Option(
+        help="bm25, bm25-text, dense, name-match, or a trained checkpoint directory.")] = "bm25",
     split: Annotated[str, typer.Option(help="Split to rank.")] = "test",
     features: Annotated[Path | None, typer.Option(help="Feature store (needed by dense and trained models).")] = None,
     first_stage: Annotated[str | None, typer.Option(
@@ -24,6 +25,8 @@ def evaluate(
     sample: Annotated[int, typer.Option(help="Rank a seeded sample of this many mentions (0 = the whole split).")
                       ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
+    name_prior: Annotated[float, typer.Option(
+        help="Add this multiple of the surface-name match to a trained model's scores (0 = the model alone).")] = 0.0,
     out: Annotated[Path | None, typer.Option(help="Directory for <name>.json and <name>.md.")] = None,
 ) -> None:
     """Evaluate a model or baseline on a dataset split (full-KB ranking; ties count against the gold)."""
@@ -36,8 +39,42 @@ def evaluate(
         dataset = load_dataset(data)
         feature_view = open_features(features, dataset.name) if features is not None else None
         report = run_evaluation(dataset, split, model, features=feature_view, first_stage=first_stage,
-                                num_candidates=candidates, sample=sample, seed=seed)
+                                num_candidates=candidates, sample=sample, seed=seed, name_prior_weight=name_prior)
         console.print(report.to_markdown())
         if out is not None:
             json_path, markdown_path = write_report(report, out)
             console.print(f"wrote {json_path} and {markdown_path}")
+
+
+DEFAULT_PRIOR_WEIGHTS = [0.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+
+
+def tune_name_prior(
+    checkpoint: Annotated[Path, typer.Argument(help="Trained model checkpoint directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset directory with the split to tune on.")],
+    features: Annotated[Path, typer.Option("--features", help="Feature store of the dataset.")],
+    split: Annotated[str, typer.Option(help="Split to tune on (never the test split you report).")] = "dev",
+    weights: Annotated[list[float] | None, typer.Option("--weight", help="A weight to try (repeat the option).")
+                       ] = None,
+    first_stage: Annotated[str, typer.Option(help="First stage: dense, bm25 or hybrid.")] = "hybrid",
+    candidates: Annotated[int, typer.Option(min=1, help="Candidates reranked per mention.")] = 100,
+    write: Annotated[bool, typer.Option("--write", help="Store the best weight in the checkpoint's config.json "
+                                                        "(used by `mmel index build`).")] = False,
+) -> None:
+    """Tune the weight of the surface-name match added to a model's scores, on a dev split."""
+    from mmel.core.checkpoint import update_checkpoint_header
+    from mmel.data import load_dataset
+    from mmel.features.store import open_features
+    from mmel.retrieval.evaluate import tune_name_prior as run_tuning
+
+    with exit_on_user_errors():
+        dataset = load_dataset(data)
+        tuning = run_tuning(dataset, split, checkpoint, open_features(features, dataset.name),
+                            weights or DEFAULT_PRIOR_WEIGHTS, first_stage=first_stage, num_candidates=candidates)
+        console.print(tuning.to_markdown())
+        if write:
+            update_checkpoint_header(checkpoint, "inference", {
+                "name_prior_weight": tuning.best_weight,
+                "tuned_on": f"{dataset.name} {tuning.split}, {tuning.mentions} mentions, {first_stage} top "
+                            f"{candidates}, H@1 {100 * tuning.metrics[tuning.best_weight]['hits@1']:.2f}"})
+            console.print(f"wrote name_prior_weight {tuning.best_weight:g} into {checkpoint}")

@@ -34,6 +34,9 @@ def build(
                                   ] = 200_000,
     reranker: Annotated[str, typer.Option(help="Rerank candidates with the 'model', or 'none'.")] = "model",
     cache_dtype: Annotated[str, typer.Option(help="Reranker cache storage: auto, float32 or float16.")] = "auto",
+    name_prior_weight: Annotated[float | None, typer.Option(
+        min=0.0, help="Weight of the surface-name match added to reranker scores (default: the weight tuned "
+                      "into the checkpoint by `mmel tune-name-prior`, else 0).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Build an index: entity vectors (FAISS), BM25, entity metadata (SQLite) and the reranker's entity cache."""
@@ -42,7 +45,8 @@ def build(
 
     with exit_on_user_errors():
         config = IndexBuildConfig(first_stage=first_stage, vector_index=kind, reranker=reranker,
-                                  exact_max_entities=exact_max_entities, cache_dtype=cache_dtype)
+                                  exact_max_entities=exact_max_entities, cache_dtype=cache_dtype,
+                                  name_prior_weight=name_prior_weight)
         report = build_index(load_dataset(kb), model, out, config=config, features_store=features,
                              progress=not quiet)
     typer.echo(report.summary())

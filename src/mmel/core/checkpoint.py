@@ -67,6 +67,16 @@ def read_checkpoint_header(directory: Path, *, expected_model_type: str | None =
     return header
 
 
+def update_checkpoint_header(directory: Path, key: str, value: Any) -> dict[str, Any]:
+    """Set one top-level entry of config.json (e.g. tuned inference settings), atomically; weights are untouched."""
+    header = read_checkpoint_header(directory)
+    if key in ("model_type", "format_version", "config"):
+        raise ValueError(f"{key!r} defines the model and cannot be updated in place")
+    header[key] = value
+    atomic_write_json(Path(directory) / CONFIG_FILE, header)
+    return header
+
+
 def read_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():

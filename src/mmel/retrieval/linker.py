@@ -68,6 +68,7 @@ from mmel.retrieval.index_build import (
     write_manifest,
 )
 from mmel.retrieval.kb_store import EntityStore
+from mmel.retrieval.name_match import name_match
 from mmel.retrieval.nil import NilCalibration, calibrate_nil, choose_simulated_nil, nil_statistic
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,11 @@ class Linker:
         self._nil = nil
         self._lock = threading.RLock()
 
+    @property
+    def name_prior_weight(self) -> float:
+        """Weight of the surface-name match added to reranker scores (0: the model alone); set when building."""
+        return float(self.manifest.get("name_prior_weight", 0.0))
+
     # --- opening ----------------------------------------------------------------------------
     @classmethod
     def load(cls, index_dir: Path | str, *, expect_model: Path | str | None = None,
@@ -267,7 +273,7 @@ class Linker:
         features = encode_items(self.backbone, [self.spec.template.mention_text(p.mention) for p in batch],
                                 [p.image for p in batch], max_text_length=self.spec.max_text_length)
         shortlists = self._first_stage([p.mention for p in batch], features, candidates_k)
-        ranked_all = self._rerank(features, shortlists)
+        ranked_all = self._rerank(features, shortlists, [p.mention.surface for p in batch])
         kept = [items[:top_k] for items in ranked_all]
         names = self.entities([qid for items in kept for qid, *_ in items])
         threshold = self._nil.threshold if self._nil is not None else None
@@ -298,14 +304,20 @@ class Linker:
         return [list(zip(qids, found.scores[row, :len(qids)].tolist(), strict=True))
                 for row, qids in enumerate(found.qids)]
 
-    def _rerank(self, features: FeatureBatch,
-                shortlists: list[list[tuple[str, float]]]) -> list[list[tuple[str, float, dict[str, float], float]]]:
-        """(QID, score, unit scores, retrieval score) per candidate, sorted by score (ties: first-stage order)."""
+    def _rerank(self, features: FeatureBatch, shortlists: list[list[tuple[str, float]]],
+                surfaces: list[str]) -> list[list[tuple[str, float, dict[str, float], float]]]:
+        """(QID, score, unit scores, retrieval score) per candidate, sorted by score (ties: first-stage order).
+
+        With a name prior w > 0 (index manifest), score = model score + w * name_match(surface, name),
+        and the unit scores gain 'name_match'.
+        """
         if self.manifest["reranker"] == "none":
             return [[(qid, score, {}, score) for qid, score in shortlist] for shortlist in shortlists]
         mentions = self.model.encode_mentions(features)                                 # B rows
         candidates, entities = self._candidate_table(shortlists)                        # [B, K], U rows
         output = self.model.match_candidates(mentions, entities, candidates) if entities is not None else None
+        names = ({qid: entity.name for qid, entity in self.entities(
+            [qid for shortlist in shortlists for qid, _ in shortlist]).items()} if self.name_prior_weight > 0 else {})
         ranked = []
         for row, shortlist in enumerate(shortlists):
             count = len(shortlist)
@@ -314,6 +326,9 @@ class Linker:
                 continue
             scores = output.scores[row, :count].tolist()                                 # [k]
             units = {name: values[row, :count].tolist() for name, values in output.unit_scores.items()}
+            if self.name_prior_weight > 0:
+                units["name_match"] = [name_match(surfaces[row], names.get(qid, "")) for qid, _ in shortlist]
+                scores = [s + self.name_prior_weight * m for s, m in zip(scores, units["name_match"], strict=True)]
             order = sorted(range(count), key=lambda i: (-scores[i], i))
             ranked.append([(shortlist[i][0], scores[i], {name: values[i] for name, values in units.items()},
                             shortlist[i][1]) for i in order])
@@ -380,6 +395,7 @@ class Linker:
             "revision": self.manifest.get("revision", 0),
             "nil_threshold": self._nil.threshold if self._nil is not None else None,
             "nil_statistic": self._nil.statistic if self._nil is not None else None,
+            "name_prior_weight": self.name_prior_weight,
             "mmel_version": self.manifest["mmel_version"], "created": self.manifest["created"],
         }
 

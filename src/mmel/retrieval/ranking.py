@@ -104,12 +104,22 @@ def rank_two_stage(first_stage: ScoreBlock, rerank: Reranker, gold_rows: np.ndar
     first = rank_full_kb(first_stage, gold_rows, num_entities, top_k=num_candidates,
                          mention_batch_size=mention_batch_size, entity_chunk_size=entity_chunk_size,
                          progress=progress)
+    return rerank_first_stage(first, rerank, mention_batch_size=mention_batch_size, progress=progress)
+
+
+def rerank_first_stage(first: RankingResult, rerank: Reranker, *, mention_batch_size: int = 64,
+                       progress: bool = True) -> RankingResult:
+    """`first` (a full-KB ranking that kept its top K) with each mention's top K reordered by `rerank`.
+
+    Reuse one first stage for several rerankers (e.g. when tuning a weight) without ranking the KB again.
+    """
+    num_candidates = first.topk_rows.shape[1]
     result = RankingResult(gold_rows=first.gold_rows.copy(), gold_scores=first.gold_scores.copy(),
                            num_greater=first.num_greater.copy(), num_tied=first.num_tied.copy(),
                            topk_rows=first.topk_rows.copy(), topk_scores=first.topk_scores.copy())
-    batches = range(0, len(gold_rows), mention_batch_size)
+    batches = range(0, len(first.gold_rows), mention_batch_size)
     for start in tqdm(batches, desc=f"reranking top {num_candidates}", unit="batch", disable=not progress):
-        rows = np.arange(start, min(start + mention_batch_size, len(gold_rows)))
+        rows = np.arange(start, min(start + mention_batch_size, len(first.gold_rows)))
         _rerank_batch(rerank, rows, result)
     return result
 
@@ -134,4 +144,4 @@ def _rerank_batch(rerank: Reranker, rows: np.ndarray, result: RankingResult) -> 
         result.num_tied[index] = int((scores[position] == gold_score).sum()) - 1
 
 
-__all__ = ["ModelScorer", "NaiveModelScorer", "Reranker", "rank_two_stage"]
+__all__ = ["ModelScorer", "NaiveModelScorer", "Reranker", "rank_two_stage", "rerank_first_stage"]
