@@ -324,8 +324,8 @@ def test_link_jsonl_refuses_a_foreign_output_file(shared_linker, tmp_path):
 
 
 def test_name_prior_adds_the_weighted_surface_name_match(shared_linker, tiny_index, linker_backbone, tmp_path):
+    from mmel.features.name_match import name_match
     from mmel.retrieval.index_build import IndexBuildConfig
-    from mmel.retrieval.name_match import name_match
 
     build_index(tiny_index.dataset, tiny_index.checkpoint, tmp_path / "prior",
                 config=IndexBuildConfig(name_prior_weight=2.0), backbone=linker_backbone, progress=False)

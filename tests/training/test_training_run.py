@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from mmel.core.config import ConfigError
 from mmel.core.features import FeatureBatch, InMemoryFeatureTable
 from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW
+from mmel.features.name_match import NameMatchIndex
 from mmel.models import load_model
 from mmel.models.mimic import MIMICConfig, MIMICModel
 from mmel.training.datamodule import LinkedSplit, MelDataModule, nearest_entities
@@ -110,6 +112,21 @@ def test_hard_negatives_are_the_nearest_other_entities() -> None:
         assert gold[row] not in negatives and set(negatives) <= set(datamodule.hard_negative_pools[row])
     with pytest.raises(ValueError, match="hard_negatives must be between"):
         synthetic_datamodule(small_recipe("data.hard_negatives=6", "data.hard_negative_pool=5"))
+
+
+def test_name_mined_hard_negatives_are_namesakes_before_dense_neighbours() -> None:
+    entities = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.7, 0.7]])
+    mentions = np.array([[1.0, 0.05]])
+    names = NameMatchIndex(["Phil McGraw", "Ali MacGraw", "Tim McGraw", "Ali Khan"])
+    pools = nearest_entities(mentions, entities, np.array([0]), pool=3, prior=names.score_block(["McGraw"]))
+    np.testing.assert_array_equal(pools, [[2, 1, 3]])   # the namesake first, then by cosine
+
+    recipe = small_recipe("data.hard_negatives=1", "data.hard_negative_source=name")
+    plain = synthetic_datamodule(recipe)
+    with pytest.raises(ValueError, match="entity names"):
+        plain.setup("fit")
+    with pytest.raises(ConfigError, match="hard_negative_source"):
+        small_recipe("data.hard_negative_source=bm25")
 
 
 def test_a_short_run_learns_and_exports_the_best_checkpoint(tmp_path) -> None:

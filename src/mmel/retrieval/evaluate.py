@@ -28,13 +28,13 @@ from mmel.core.types import Dataset, Mention
 from mmel.evaluation.metrics import ranking_metrics, ranks_from_counts
 from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, gold_rows_for, rank_full_kb
 from mmel.evaluation.report import EvalReport, build_report
+from mmel.features.name_match import NameMatchIndex
 from mmel.features.store import DatasetFeatures
 from mmel.models import load_model
 from mmel.retrieval.bm25 import BM25Index, query_text
 from mmel.retrieval.dense import DenseScorer
 from mmel.retrieval.index_build import ModelSpec
 from mmel.retrieval.linker import RRF_CONSTANT
-from mmel.retrieval.name_match import NameMatchIndex
 from mmel.retrieval.ranking import ModelScorer, Reranker, rank_two_stage, rerank_first_stage
 
 BASELINES = ("bm25", "bm25-text", "dense", "name-match")
@@ -176,7 +176,7 @@ def _rank_baseline(method: str, dataset: Dataset, to_rank: SplitToRank, features
 
 def _rank_name_match(dataset: Dataset, to_rank: SplitToRank, features: DatasetFeatures | None,
                      progress: bool) -> tuple[RankingResult, str, str, dict]:
-    names = NameMatchIndex(dataset.kb).score_block([mention.surface for mention in to_rank.mentions])
+    names = NameMatchIndex.from_kb(dataset.kb).score_block([mention.surface for mention in to_rank.mentions])
     if features is None:
         block, name, backbone = names, "name-match", "none"
     else:
@@ -202,7 +202,7 @@ def _rank_model(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featur
     model_name = f"{model.config_class.model_type}:{checkpoint.name}"
     score_block, rerank, extra = scorer.score_block, scorer.rerank, {}
     if name_prior_weight > 0:
-        score_block, rerank = _with_name_prior(scorer, NameMatchIndex(dataset.kb), to_rank, name_prior_weight)
+        score_block, rerank = _with_name_prior(scorer, NameMatchIndex.from_kb(dataset.kb), to_rank, name_prior_weight)
         model_name, extra = f"{model_name}+name-prior", {"name_prior_weight": name_prior_weight}
     gold = to_rank.gold_rows
     if first_stage is None:
@@ -279,7 +279,7 @@ def tune_name_prior(dataset: Dataset, split: str, checkpoint: Path, features: Da
                          entity_chunk_size=stage.entity_chunk_size, progress=progress)
     model_scores = np.concatenate([_as_numpy(scorer.rerank(rows, first.topk_rows[rows])) for rows in np.array_split(
         np.arange(len(first.gold_rows)), max(1, len(first.gold_rows) // 64))])                       # [M, K]
-    names = NameMatchIndex(dataset.kb).candidate_scores([m.surface for m in to_rank.mentions], first.topk_rows)
+    names = NameMatchIndex.from_kb(dataset.kb).candidate_scores([m.surface for m in to_rank.mentions], first.topk_rows)
     metrics = {}
     for weight in sorted(set(map(float, weights))):
         fused = model_scores + weight * names                                                        # [M, K]

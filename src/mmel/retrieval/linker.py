@@ -45,6 +45,7 @@ from mmel.core.features import FeatureBatch
 from mmel.core.images import ImageReport, decode_image, load_image
 from mmel.core.types import Candidate, Entity, KnowledgeBase, LinkResult, Mention, locate_span
 from mmel.data.jsonl_format import read_mentions_jsonl
+from mmel.features.name_match import name_match
 from mmel.features.store import encode_items
 from mmel.models import load_model
 from mmel.models.base import MelModel
@@ -68,7 +69,6 @@ from mmel.retrieval.index_build import (
     write_manifest,
 )
 from mmel.retrieval.kb_store import EntityStore
-from mmel.retrieval.name_match import name_match
 from mmel.retrieval.nil import NilCalibration, calibrate_nil, choose_simulated_nil, nil_statistic
 
 logger = logging.getLogger(__name__)

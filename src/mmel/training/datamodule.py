@@ -25,9 +25,14 @@ from torch.utils.data import DataLoader
 from mmel.core.features import FeatureBatch
 from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Dataset
-from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW, gold_rows_for
+from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW, ScoreBlock, gold_rows_for
+from mmel.features.name_match import NameMatchIndex
 from mmel.features.templates import TextTemplate
 from mmel.training.recipe import DataSection, ValidationSection
+
+# Name-mined hard negatives rank by prior * this + cosine: a cosine (in [-1, 1]) can then only break
+# ties of the prior, whose steps are at least 1 / (tokens in a surface form).
+PRIOR_OVER_COSINE = 1000.0
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +121,7 @@ class LinkedSplit:
     name: str
     table: InputTable
     gold_rows: np.ndarray  # [M] int64
+    surfaces: list[str] | None = None   # surface forms in row order (name-mined hard negatives need them)
 
     def __post_init__(self) -> None:
         self.gold_rows = np.asarray(self.gold_rows, dtype=np.int64)
@@ -124,7 +130,8 @@ class LinkedSplit:
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, split: str, table: InputTable) -> LinkedSplit:
-        return cls(split, table, gold_rows_for(dataset.split(split), dataset.kb))
+        mentions = dataset.split(split)
+        return cls(split, table, gold_rows_for(mentions, dataset.kb), [mention.surface for mention in mentions])
 
     def counts(self, rows: np.ndarray | None = None) -> dict[str, int]:
         gold = self.gold_rows if rows is None else self.gold_rows[rows]
@@ -172,8 +179,10 @@ class MelDataModule(L.LightningDataModule):
 
     def __init__(self, entities: InputTable, train: LinkedSplit, dev: LinkedSplit | None, *,
                  data: DataSection | None = None, validation: ValidationSection | None = None,
-                 train_entities: InputTable | None = None):
+                 train_entities: InputTable | None = None, entity_names: Sequence[str] | None = None):
+        """`entity_names` (KB row order) is needed by name-mined hard negatives only."""
         super().__init__()
+        self.entity_names = entity_names
         self.entities = entities
         self.train_entities = train_entities if train_entities is not None else entities
         self.train_split = train
@@ -202,8 +211,14 @@ class MelDataModule(L.LightningDataModule):
         if not all(hasattr(table, "text_global_matrix") for table in tables):
             raise ValueError("data.hard_negatives needs features from the store (text_global_matrix); "
                              "set it to 0 when the backbone is trained end to end")
+        prior = None
+        if self.data_config.hard_negative_source == "name":
+            if self.entity_names is None or self.train_split.surfaces is None:
+                raise ValueError("data.hard_negative_source 'name' needs the KB's entity names (entity_names) "
+                                 "and the train mentions' surface forms (LinkedSplit.from_dataset)")
+            prior = NameMatchIndex(self.entity_names).score_block(self.train_split.surfaces)
         return nearest_entities(self.train_split.table.text_global_matrix(), self.train_entities.text_global_matrix(),
-                                self.train_split.gold_rows, self.data_config.hard_negative_pool)
+                                self.train_split.gold_rows, self.data_config.hard_negative_pool, prior=prior)
 
     def _select_train_rows(self) -> tuple[np.ndarray, dict[str, int]]:
         split = self.train_split
@@ -259,8 +274,12 @@ class MelDataModule(L.LightningDataModule):
 
 
 def nearest_entities(mention_vectors: np.ndarray, entity_vectors: np.ndarray, gold_rows: np.ndarray, pool: int,
-                     *, block_size: int = 1024) -> np.ndarray:
-    """[M, pool] entity rows with the highest cosine to each mention, best first, its gold row excluded."""
+                     *, prior: ScoreBlock | None = None, block_size: int = 1024) -> np.ndarray:
+    """[M, pool] entity rows with the highest cosine to each mention, best first, its gold row excluded.
+
+    With `prior` (a ScoreBlock over mention rows, e.g. the surface-name match), entities are ranked by
+    the prior first and the cosine only breaks its ties (and fills the pool past the prior's matches).
+    """
     entities = _unit_rows(entity_vectors)                                               # [N, D]
     pool = min(pool, len(entities) - 1)
     if pool < 1:
@@ -269,6 +288,8 @@ def nearest_entities(mention_vectors: np.ndarray, entity_vectors: np.ndarray, go
     for start in range(0, len(mention_vectors), block_size):
         stop = min(start + block_size, len(mention_vectors))
         scores = _unit_rows(mention_vectors[start:stop]) @ entities.T                  # [b, N]
+        if prior is not None:
+            scores = scores + PRIOR_OVER_COSINE * np.asarray(prior(np.arange(start, stop), 0, len(entities)))
         gold = gold_rows[start:stop]
         has_gold = gold >= 0
         scores[np.flatnonzero(has_gold), gold[has_gold]] = -np.inf

@@ -21,6 +21,7 @@ from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.paths import atomic_write_text
 
 RECIPE_SUFFIX = ".yaml"
+HARD_NEGATIVE_SOURCES = ("dense", "name")
 
 
 @dataclass
@@ -54,6 +55,15 @@ class DataSection(ConfigBase):
     # features' global text vectors (its gold excluded). Needs features from the store.
     hard_negatives: int = 0
     hard_negative_pool: int = 20
+    # Where the pool comes from: 'dense' (nearest global text vectors) or 'name' (the entities whose
+    # names best match the surface form, mmel.features.name_match, dense cosine breaking ties and
+    # filling the pool): the namesakes a name prior leaves for the model to tell apart.
+    hard_negative_source: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.hard_negative_source not in HARD_NEGATIVE_SOURCES:
+            raise ConfigError(f"data.hard_negative_source must be one of {', '.join(HARD_NEGATIVE_SOURCES)}, "
+                              f"got {self.hard_negative_source!r}")
 
 
 @dataclass

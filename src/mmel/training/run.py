@@ -128,7 +128,8 @@ def _datamodule(recipe: Recipe, dataset: Dataset, entities: Any, tables: dict[st
         logger.warning("dataset %s has no split %r: training without validation or early stopping",
                        dataset.name, dev_split)
     return MelDataModule(entities, LinkedSplit.from_dataset(dataset, train_split, tables[train_split]), dev,
-                         data=recipe.data, validation=recipe.validation, **options)
+                         data=recipe.data, validation=recipe.validation,
+                         entity_names=[entity.name for entity in dataset.kb], **options)
 
 
 def _open_matching_view(recipe: Recipe, dataset: Dataset, features_dir: Path) -> DatasetFeatures:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmel.core.types import Entity, KnowledgeBase
-from mmel.retrieval.name_match import NameMatchIndex, name_match, name_tokens
+from mmel.features.name_match import NameMatchIndex, name_match, name_tokens
 
 KB = KnowledgeBase([Entity("Q1", "Greta Garbo"), Entity("Q2", "Melvyn Douglas"), Entity("Q3", "Cristina Garmendia"),
                     Entity("Q4", "Cristina Gaioni"), Entity("Q5", "José Martí"), Entity("Q6", "")])
@@ -30,13 +30,13 @@ def test_name_match_values(surface, name, expected):
 
 
 def test_index_scores_equal_the_function_for_every_entity():
-    index = NameMatchIndex(KB)
+    index = NameMatchIndex.from_kb(KB)
     for surface in ("Garbo", "Cristina Garmendia", "cristina", "Nobody Here", "José Martí"):
         np.testing.assert_array_equal(index.scores(surface), [name_match(surface, e.name) for e in KB])
 
 
 def test_score_block_and_candidate_scores_slice_the_same_values():
-    index = NameMatchIndex(KB)
+    index = NameMatchIndex.from_kb(KB)
     surfaces = ["Garbo", "Cristina Garmendia"]
     block = index.score_block(surfaces)(np.array([1, 0]), 1, 4)                          # [2, 3]
     np.testing.assert_array_equal(block, [[0.0, 2.0, 0.5], [0.0, 0.0, 0.0]])

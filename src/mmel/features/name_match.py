@@ -52,16 +52,21 @@ def name_match(surface: str, name: str) -> float:
 class NameMatchIndex:
     """`name_match` of mention surfaces against every KB entity, through an inverted index over name tokens."""
 
-    def __init__(self, kb: KnowledgeBase):
+    def __init__(self, names: Sequence[str]):
+        """`names`: one entity name per KB row."""
         postings: dict[str, list[int]] = {}
-        token_counts = np.zeros(len(kb), dtype=np.int32)                      # [N] |N| per entity
-        for row, entity in enumerate(kb):
-            tokens = name_tokens(entity.name)
+        token_counts = np.zeros(len(names), dtype=np.int32)                   # [N] |N| per entity
+        for row, name in enumerate(names):
+            tokens = name_tokens(name)
             token_counts[row] = len(tokens)
             for token in tokens:
                 postings.setdefault(token, []).append(row)
         self._postings = {token: np.array(rows, dtype=np.int64) for token, rows in postings.items()}
         self._token_counts = token_counts
+
+    @classmethod
+    def from_kb(cls, kb: KnowledgeBase) -> NameMatchIndex:
+        return cls([entity.name for entity in kb])
 
     def __len__(self) -> int:
         return len(self._token_counts)
