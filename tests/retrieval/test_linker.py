@@ -266,6 +266,9 @@ def test_margin_threshold_makes_a_near_tie_nil(own_linker):
 def test_build_refuses_bad_settings_and_kbs(tiny_index, linker_backbone, tmp_path):
     with pytest.raises(ConfigError, match="available: dense, bm25, hybrid"):
         IndexBuildConfig(first_stage="sparse")
+    with pytest.raises(ConfigError, match="ivf_num_probes"):
+        IndexBuildConfig(ivf_num_probes=0)
+    assert IndexBuildConfig(ivf_num_probes=64).vector_index_config().ivf_num_probes == 64
     with pytest.raises(ConfigError, match="vector_index"):
         IndexBuildConfig(vector_index="lsh")
     for kb, message in ((KnowledgeBase([]), "empty"), (KnowledgeBase([Entity("Q1", "A"), Entity("Q1", "B")]),

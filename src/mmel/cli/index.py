@@ -32,6 +32,8 @@ def build(
                                                      "above), flat, hnsw or ivf.")] = "auto",
     exact_max_entities: Annotated[int, typer.Option(min=1, help="Largest KB indexed exactly by --kind auto.")
                                   ] = 200_000,
+    ivf_probes: Annotated[int, typer.Option(min=1, help="IVF lists scanned per query (large KBs): more finds more "
+                                                         "of the true nearest entities, slower.")] = 16,
     reranker: Annotated[str, typer.Option(help="Rerank candidates with the 'model', or 'none'.")] = "model",
     cache_dtype: Annotated[str, typer.Option(help="Reranker cache storage: auto, float32 or float16.")] = "auto",
     name_prior_weight: Annotated[float | None, typer.Option(
@@ -45,7 +47,8 @@ def build(
 
     with exit_on_user_errors():
         config = IndexBuildConfig(first_stage=first_stage, vector_index=kind, reranker=reranker,
-                                  exact_max_entities=exact_max_entities, cache_dtype=cache_dtype,
+                                  exact_max_entities=exact_max_entities, ivf_num_probes=ivf_probes,
+                                  cache_dtype=cache_dtype,
                                   name_prior_weight=name_prior_weight)
         report = build_index(load_dataset(kb), model, out, config=config, features_store=features,
                              progress=not quiet)

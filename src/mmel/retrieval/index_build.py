@@ -81,6 +81,7 @@ class IndexBuildConfig(ConfigBase):
     reranker: str = "model"                  # 'model' (rerank with the checkpoint) or 'none' (first stage only)
     vector_index: str = "auto"               # FAISS kind: 'auto', 'flat' (exact), 'hnsw' or 'ivf'
     exact_max_entities: int = 200_000        # 'auto' is exact up to this many entities, IVF above
+    ivf_num_probes: int = 16                 # IVF lists scanned per query: more finds more, slower
     cache_dtype: str = "auto"                # reranker cache storage: 'float32', 'float16' or 'auto'
     float32_cache_max_entities: int = 200_000  # 'auto' stores float32 up to this many entities, float16 above
     bm25_fields: str = "name"                # BM25 documents: 'name' or 'name+text'
@@ -93,7 +94,7 @@ class IndexBuildConfig(ConfigBase):
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; available: {', '.join(allowed)}")
-        for name in ("exact_max_entities", "float32_cache_max_entities", "encode_batch_size"):
+        for name in ("exact_max_entities", "float32_cache_max_entities", "encode_batch_size", "ivf_num_probes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"IndexBuildConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.name_prior_weight is not None and self.name_prior_weight < 0:
@@ -105,7 +106,8 @@ class IndexBuildConfig(ConfigBase):
         return "float32" if num_entities <= self.float32_cache_max_entities else "float16"
 
     def vector_index_config(self) -> IndexConfig:
-        return IndexConfig(kind=self.vector_index, exact_max_entities=self.exact_max_entities)
+        return IndexConfig(kind=self.vector_index, exact_max_entities=self.exact_max_entities,
+                           ivf_num_probes=self.ivf_num_probes)
 
 
 @dataclass(frozen=True)
