@@ -31,12 +31,13 @@ def demo(
     """Link example mentions against the example KB with a trained MIMIC, and evaluate on the example split."""
     from mmel.data import load_dataset
     from mmel.retrieval.evaluate import evaluate
-    from mmel.retrieval.index_build import build_index, weights_fingerprint
+    from mmel.retrieval.index_build import ModelSpec, build_index, weights_fingerprint
     from mmel.retrieval.linker import Linker
 
     with exit_on_user_errors():
         dataset = load_dataset(data)
-        index_dir = work / f"index-{weights_fingerprint(model)[:12]}"
+        prior = ModelSpec.read(model).name_prior_weight
+        index_dir = work / f"index-{weights_fingerprint(model)[:12]}-prior{prior:g}"
         if not index_dir.is_dir():
             console.print(f"building the example index in {index_dir} (once) ...")
             console.print(build_index(dataset, model, index_dir).summary())
@@ -48,8 +49,10 @@ def demo(
         linked = [r for r in results if not isinstance(r, Exception)]
         correct = sum(r.best is not None and r.best.qid == m.gold_qid for m, r in zip(test, results, strict=True)
                       if not isinstance(r, Exception))
-        console.print(f"\nMIMIC linker on {dataset.name} test: {correct}/{len(linked)} mentions linked to the gold "
-                      f"entity at rank 1 (KB of {len(dataset.kb)} entities; {len(results) - len(linked)} failed)")
+        model_name = f"MIMIC + {prior:g} x name match" if prior else "MIMIC"
+        console.print(f"\n{model_name} linker on {dataset.name} test: {correct}/{len(linked)} mentions linked to "
+                      f"the gold entity at rank 1 (KB of {len(dataset.kb)} entities; "
+                      f"{len(results) - len(linked)} failed)")
         console.print("\nBM25 baseline on the same split (full-KB ranking):")
         console.print(evaluate(dataset, "test", "bm25", progress=False).to_markdown())
 
@@ -57,13 +60,14 @@ def demo(
 def _result_table(mention, result) -> Table:
     table = Table(title=f"[bold]{mention.surface}[/] in “{mention.sentence}” (gold {mention.gold_qid})",
                   title_justify="left")
-    for column in ("rank", "entity", "QID", "score", "units (tglu / vdlu / cmfu)", ""):
+    for column in ("rank", "entity", "QID", "score", "units (tglu / vdlu / cmfu / name match)", ""):
         table.add_column(column)
     if isinstance(result, Exception):
         table.add_row("-", f"error: {result}", "", "", "", "")
         return table
     for candidate in result.candidates:
-        units = " / ".join(f"{candidate.unit_scores.get(name, float('nan')):.2f}" for name in ("tglu", "vdlu", "cmfu"))
+        units = " / ".join(f"{candidate.unit_scores[name]:.2f}" for name in ("tglu", "vdlu", "cmfu", "name_match")
+                           if name in candidate.unit_scores)
         mark = "✓ gold" if candidate.qid == mention.gold_qid else ""
         table.add_row(str(candidate.rank), candidate.name, candidate.qid, f"{candidate.score:.3f}", units, mark)
     return table
