@@ -65,3 +65,16 @@ def test_strict_validation_fails_on_errors(tmp_path: Path) -> None:
     assert runner.invoke(app, ["data", "validate", str(root)]).exit_code == 0
     result = runner.invoke(app, ["data", "validate", str(root), "--strict", "--no-decode-images"])
     assert result.exit_code == 1 and "1 QIDs on more than one KB row" in result.output
+
+
+def test_synth_writes_a_loadable_dataset_with_images(tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    result = runner.invoke(app, ["data", "synth", "--out", str(out), "--entities", "12", "--train", "6", "--dev",
+                                 "2", "--test", "4", "--cue-mix", "1:0:0:0", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "12 entities, 6 train, 2 dev, 4 test mentions" in result.output
+    dataset = load_dataset(out)
+    assert len(dataset.kb) == 12 and all(m.extra["cue"] == "image" for m in dataset.split("test"))
+    assert all((out / m.image).is_file() for m in dataset.split("test"))
+    bad = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "bad"), "--cue-mix", "1:1"])
+    assert bad.exit_code != 0 and "--cue-mix" in bad.output
