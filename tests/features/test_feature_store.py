@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mmel.core.errors import MismatchError, PathEscapeError
+from mmel.core.errors import DataError, MismatchError, PathEscapeError
 from mmel.core.features import FeatureBatch
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
 from mmel.features import build_features, describe_store, encode_items, get_template, list_views, open_features
-from mmel.features.store import resolve_image_batch_size
+from mmel.features.store import prune_store, resolve_image_batch_size
 
 
 def _build(dataset, backbone, store, **options):
@@ -224,3 +224,21 @@ def test_bad_options_are_refused(tiny_clip, dataset, tmp_path):
 def test_image_batch_size_defaults_to_one_on_cpu(tiny_clip):
     assert resolve_image_batch_size(tiny_clip, None, 64) == 1
     assert resolve_image_batch_size(tiny_clip, 16, 64) == 16
+
+
+def test_prune_drops_a_view_and_only_the_shards_no_other_view_lists(tiny_clip, dataset, tmp_path):
+    store = tmp_path / "store"
+    long = _build(dataset, tiny_clip, store)
+    short = _build(dataset, tiny_clip, store, max_text_length=16)
+    before = long.entities.gather(np.arange(len(dataset.kb)))
+    (store / "cache" / long.manifest["cache"].split("/", 1)[1] / "image" / ".shard-leftover.tmp").mkdir()
+    dry = prune_store(store, drop_views=[f"toy/{short.view_id}"], dry_run=True)
+    assert dry.dry_run and dry.shards_removed and (store / "views" / "toy" / short.view_id).is_dir()
+    report = prune_store(store, drop_views=[f"toy/{short.view_id}"])
+    assert report.shards_removed == dry.shards_removed and report.bytes_freed > 0
+    assert all("text-L16" in shard or "leftover" in shard for shard in report.shards_removed)
+    assert list_views(store) == {"toy": [long.view_id]}
+    _assert_batches_equal(open_features(store, "toy").entities.gather(np.arange(len(dataset.kb))), before)
+    assert prune_store(store).shards_removed == []
+    with pytest.raises(DataError, match="no such views"):
+        prune_store(store, drop_views=["toy/nope"])

@@ -29,6 +29,15 @@ def test_build_then_rebuild_then_info(dataset, tmp_path):
     info = CliRunner().invoke(app, ["features", "info", "--store", str(store)])
     assert info.exit_code == 0 and "entities 24 (8 with image)" in info.output
 
+    kept = CliRunner().invoke(app, ["features", "prune", "--store", str(store), "--dry-run"])
+    assert kept.exit_code == 0 and "0 views and 0 cache shards removed; would free 0.0 MiB" in kept.output
+    view = json.loads(CliRunner().invoke(app, ["features", "info", "--store", str(store), "--json"]).output)["views"][0]
+    dropped = CliRunner().invoke(app, ["features", "prune", "--store", str(store), "--drop-view",
+                                       f"{view['dataset']}/{view['view_id']}"])
+    assert dropped.exit_code == 0 and "1 views and" in dropped.output and "0 cache shards" not in dropped.output
+    unknown = CliRunner().invoke(app, ["features", "prune", "--store", str(store), "--drop-view", "x/y"])
+    assert unknown.exit_code == 1 and "no such views" in unknown.output
+
 
 def test_missing_dataset_is_a_one_line_error(tmp_path):
     outcome = CliRunner().invoke(app, ["features", "build", str(tmp_path / "nowhere"), "--store", str(tmp_path / "s")])

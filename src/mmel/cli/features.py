@@ -99,3 +99,18 @@ def info(store: Annotated[Path, typer.Option("--store", help="Feature store dire
     for cache in description["caches"]:
         entries = ", ".join(f"{name} {count}" for name, count in cache["entries"].items())
         typer.echo(f"  cache {cache['namespace']}: {entries}; {cache['bytes'] / 2**20:.1f} MiB")
+
+
+@app.command()
+def prune(
+    store: Annotated[Path, typer.Option("--store", help="Feature store directory.")],
+    drop_views: Annotated[list[str] | None, typer.Option(
+        "--drop-view", help="A view to delete, as DATASET/VIEW_ID (see `mmel features info`); repeatable.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
+) -> None:
+    """Delete views, then the cache shards no remaining view uses (run it while no build writes to the store)."""
+    from mmel.features.store import prune_store
+
+    with exit_on_user_errors():
+        report = prune_store(store, drop_views=drop_views or [], dry_run=dry_run)
+    typer.echo(report.summary())
