@@ -18,7 +18,10 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     token: Annotated[str | None, typer.Option(envvar="MMEL_SERVER_TOKEN", help="Require this bearer token on "
                                               "/link and /entities (prefer the environment variable).")] = None,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most mentions per /link/batch call.")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most mentions per /link/batch call, and per joint linker "
+                                                       "call of concurrent /link requests.")] = 64,
+    batch_wait_ms: Annotated[float, typer.Option(min=0.0, help="How long a /link request waits for others to be "
+                                                             "linked with it (dynamic batching).")] = 2.0,
     max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 12.0,
     max_image_mb: Annotated[float, typer.Option(min=0.01, help="Largest uploaded image, in MiB.")] = 8.0,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before a request answers 504.")] = 30.0,
@@ -35,7 +38,7 @@ def serve(
     with exit_on_user_errors():
         settings = ServerSettings(index_dir=index_dir, host=host, port=port, token=token, max_batch=max_batch,
                                   max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
-                                  request_timeout_s=timeout)
+                                  request_timeout_s=timeout, link_batch_wait_ms=batch_wait_ms)
         if host not in LOCAL_HOSTS and token is None:
             typer.echo(f"warning: serving on {host} without a token: anyone who can reach it can use it", err=True)
         if threads is not None:
