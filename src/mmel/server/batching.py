@@ -69,18 +69,29 @@ class LinkBatcher:
                 await self._link_group(group)
 
     async def _next_batch(self) -> list[_Pending]:
-        """The first waiting request, plus any arriving within `max_wait_s`, up to `max_batch`."""
+        """The first waiting request, every request already queued, and any arriving within `max_wait_s`."""
         batch = [await self._queue.get()]
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
         while len(batch) < self.max_batch:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0 and self._queue.empty():
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            arrival = await self._next_arrival(deadline - asyncio.get_running_loop().time())
+            if arrival is None:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), timeout=max(remaining, 0)))
-            except asyncio.TimeoutError:
-                break
+            batch.append(arrival)
         return batch
+
+    async def _next_arrival(self, timeout: float) -> _Pending | None:
+        """The next queued request if one arrives within `timeout` seconds, else None (never loses one)."""
+        if timeout <= 0:
+            return None
+        getter = asyncio.ensure_future(self._queue.get())
+        await asyncio.wait({getter}, timeout=timeout)
+        if getter.done():
+            return getter.result()
+        getter.cancel()   # a cancelled get leaves its request in the queue (it is removed only on completion)
+        return None
 
     async def _link_group(self, group: list[_Pending]) -> None:
         live = [pending for pending in group if not pending.answer.done()]   # a timed-out caller has gone
