@@ -75,8 +75,10 @@ def dataset_images(dataset: Any, count: int) -> list[Image.Image]:
     return images[:count]
 
 
-def median_seconds(work: Callable[[], None], repeats: int) -> float:
-    work()  # warm-up
+def median_seconds(work: Callable[[], object], repeats: int, *, warm_up: bool = True) -> float:
+    """Median wall time of `repeats` calls of `work`, after one untimed call unless `warm_up` is False."""
+    if warm_up:
+        work()
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()

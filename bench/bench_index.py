@@ -199,7 +199,8 @@ def machine() -> dict[str, Any]:
     memory_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                       if line.startswith("MemTotal"))
     return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(memory_kib / 2**20, 1),
-            "python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__}
+            "python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__,
+            "load_average": [round(value, 2) for value in os.getloadavg()]}
 
 
 def markdown(results: dict[str, Any]) -> str:

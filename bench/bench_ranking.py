@@ -26,10 +26,7 @@ image, drawn from a bank of 256 random image feature sets; values do not change 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench_encode import median_seconds
+from bench_index import machine
 from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.paths import atomic_write_json
 from mmel.data import load_dataset
@@ -93,13 +92,9 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
-def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def _timed(run: Callable[[], Any], repeats: int) -> float:
+    """Median of `repeats` timed runs, no warm-up (an exhaustive run is minutes long; the first call pays no setup)."""
+    return median_seconds(run, repeats, warm_up=False)
 
 
 def _real_kb(data: Path, features_dir: Path, split: str) -> tuple[FeatureTable, FeatureTable, np.ndarray, str]:
@@ -140,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{name:<40} {count / seconds:10.2f} mentions/s  ({seconds:.2f} s for {count})", flush=True)
 
     naive = NaiveModelScorer(model, entities, RowSubset(mentions, naive_rows))
-    record("naive exhaustive", _median_seconds(lambda: rank_full_kb(
+    record("naive exhaustive", _timed(lambda: rank_full_kb(
         naive.score_block, gold[naive_rows], num_entities, mention_batch_size=EVAL_MENTION_BATCH,
         entity_chunk_size=EVAL_ENTITY_CHUNK, progress=False), args.naive_repeats), len(naive_rows))
 
@@ -156,12 +151,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rank_full_kb(cached.score_block, gold[exhaustive_rows], num_entities, mention_batch_size=EVAL_MENTION_BATCH,
                      entity_chunk_size=EVAL_ENTITY_CHUNK, progress=False)
 
-    record("exhaustive (entity side once per KB)", _median_seconds(exhaustive, args.naive_repeats),
+    record("exhaustive (entity side once per KB)", _timed(exhaustive, args.naive_repeats),
            len(exhaustive_rows))
 
     dense = DenseScorer(entities).rows_scorer(mentions)
     for k in args.candidates:
-        record(f"two-stage dense top {k}", _median_seconds(lambda k=k: rank_two_stage(
+        record(f"two-stage dense top {k}", _timed(lambda k=k: rank_two_stage(
             dense, scorer.rerank, gold, num_entities, num_candidates=k, mention_batch_size=64,
             entity_chunk_size=65_536, progress=False), args.repeats), len(rows))
 
@@ -169,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"kb": kb_name, "kb_entities": num_entities, "model": str(args.model), "threads": args.threads,
             "repeats": args.repeats, "naive_repeats": args.naive_repeats, "results": results,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "machine": _machine()}
+            "machine": {**machine(), "torch": torch.__version__}}
 
 
 def _time_rerank_variants(model: MelModel, scorer: ModelScorer, rows: np.ndarray, num_entities: int,
@@ -179,16 +174,10 @@ def _time_rerank_variants(model: MelModel, scorer: ModelScorer, rows: np.ndarray
     with torch.inference_mode():
         encoded = scorer.encoded_mentions(np.arange(len(rows)))
         cache = scorer.entity_cache
-        record("rerank K=100, one mention per call", _median_seconds(
+        record("rerank K=100, one mention per call", _timed(
             lambda: MelModel.match_candidates(model, encoded, cache, candidates), args.repeats), len(rows))
-        record("rerank K=100, batched", _median_seconds(
+        record("rerank K=100, batched", _timed(
             lambda: model.match_candidates(encoded, cache, candidates), args.repeats), len(rows))
-
-
-def _machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-            "torch": torch.__version__}
 
 
 def main() -> None:

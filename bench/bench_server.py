@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import statistics
 import threading
 import time
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 import uvicorn
 
+from bench_index import machine
 from mmel.core.paths import atomic_write_json
 from mmel.data import load_dataset
 from mmel.retrieval.linker import Linker
@@ -106,8 +105,7 @@ def main() -> None:
               "top_k": args.top_k, "candidates_k": args.candidates_k, "threads": args.threads,
               "repeats": args.repeats, "median": summary, "runs": runs,
               "throughput_ratio": summary[names[1]]["requests_per_s"] / summary[names[0]]["requests_per_s"],
-              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__}}
+              "machine": {**machine(), "torch": torch.__version__}}
     print(f"throughput ratio (batching / none): {report['throughput_ratio']:.2f}")
     if args.out:
         atomic_write_json(args.out, report)
