@@ -51,7 +51,7 @@ class MelModel(nn.Module):
                 for b in range(len(candidates))]
         return MatchOutput(scores=torch.cat([row.scores for row in rows]),
                            unit_scores={name: torch.cat([row.unit_scores[name] for row in rows])
-                                        for name in rows[0].unit_scores} if rows else {})
+                                        for name in rows[0].unit_scores})
 
     def forward(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor | None = None,
                 entity_ids: torch.Tensor | None = None) -> MatchOutput:

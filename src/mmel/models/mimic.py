@@ -176,8 +176,8 @@ class TGLU(nn.Module):
         queries, keys = entities.text_token_queries[0], mentions.text_token_keys           # [N, Le, D], [B, Lm, D]
         num_entities, entity_length, hidden = queries.shape
         num_mentions, mention_length, _ = keys.shape
-        scaled = queries.reshape(-1, hidden) * self.scale  # scaling the [N*Le, D] factor is cheaper than the logits
-        logits = scaled @ keys.reshape(-1, hidden).T                                      # [N*Le, B*Lm]
+        scaled_keys = keys.reshape(-1, hidden) * self.scale  # the smallest factor, not the [N*Le, B*Lm] logits
+        logits = queries.reshape(-1, hidden) @ scaled_keys.T                              # [N*Le, B*Lm]
         attention = logits.view(num_entities, entity_length, num_mentions, mention_length).softmax(dim=-1)
         return attention.mean(dim=1).transpose(0, 1)                                      # [B, N, Lm]
 
@@ -185,8 +185,8 @@ class TGLU(nn.Module):
         """The same when mention b meets its own N entities (candidates): one [N*Le, Lm] product per mention."""
         queries, keys = entities.text_token_queries, mentions.text_token_keys              # [B, N, Le, D], [B, Lm, D]
         num_mentions, num_entities, entity_length, hidden = queries.shape
-        scaled = queries.reshape(num_mentions, -1, hidden) * self.scale                   # [B, K*Le, D]
-        logits = torch.bmm(scaled, keys.transpose(1, 2))                                  # [B, K*Le, Lm]
+        scaled_keys = keys.transpose(1, 2) * self.scale                                   # [B, D, Lm]
+        logits = torch.bmm(queries.reshape(num_mentions, -1, hidden), scaled_keys)        # [B, N*Le, Lm]
         attention = logits.view(num_mentions, num_entities, entity_length, -1).softmax(dim=-1)
         return attention.mean(dim=2)                                                      # [B, N, Lm]
 
