@@ -43,10 +43,17 @@ def name_tokens(text: str) -> frozenset[str]:
 def name_match(surface: str, name: str) -> float:
     """The share of the surface form's tokens in the name, plus 1 when the two token sets are equal."""
     surface_tokens, entity_tokens = name_tokens(surface), name_tokens(name)
-    if not surface_tokens:
-        return 0.0
-    shared = len(surface_tokens & entity_tokens)
-    return shared / len(surface_tokens) + (EXACT_BONUS if surface_tokens == entity_tokens else 0.0)
+    return float(_match_value(len(surface_tokens & entity_tokens), len(surface_tokens), len(entity_tokens)))
+
+
+def _match_value(shared: float | np.ndarray, surface_count: int, name_count: int | np.ndarray) -> float | np.ndarray:
+    """The formula from token counts (element-wise over entities); 0 for a surface without tokens.
+
+    The sets are equal exactly when every surface token is shared and the name has no other token.
+    """
+    if surface_count == 0:
+        return shared * 0.0
+    return shared / surface_count + EXACT_BONUS * ((shared == surface_count) & (name_count == surface_count))
 
 
 class NameMatchIndex:
@@ -79,10 +86,7 @@ class NameMatchIndex:
             rows = self._postings.get(token)
             if rows is not None:
                 shared[rows] += 1.0
-        if not tokens:
-            return shared
-        exact = (shared == len(tokens)) & (self._token_counts == len(tokens))
-        return shared / len(tokens) + EXACT_BONUS * exact
+        return _match_value(shared, len(tokens), self._token_counts)
 
     def score_block(self, surfaces: Sequence[str]) -> ScoreBlock:
         """A ScoreBlock (mention rows, start, stop) -> [b, n] for the evaluation protocols."""

@@ -277,13 +277,13 @@ def tune_name_prior(dataset: Dataset, split: str, checkpoint: Path, features: Da
     stage = build_first_stage(first_stage, dataset, to_rank, features)
     first = rank_full_kb(stage.score_block, to_rank.gold_rows, len(dataset.kb), top_k=num_candidates,
                          entity_chunk_size=stage.entity_chunk_size, progress=progress)
-    model_scores = np.concatenate([_as_numpy(scorer.rerank(rows, first.topk_rows[rows])) for rows in np.array_split(
-        np.arange(len(first.gold_rows)), max(1, len(first.gold_rows) // 64))])                       # [M, K]
-    names = NameMatchIndex.from_kb(dataset.kb).candidate_scores([m.surface for m in to_rank.mentions], first.topk_rows)
+    by_model = rerank_first_stage(first, scorer.rerank, progress=progress)    # topk_scores: the model's [M, K]
+    names = NameMatchIndex.from_kb(dataset.kb).candidate_scores([m.surface for m in to_rank.mentions],
+                                                                by_model.topk_rows)                  # [M, K]
     metrics = {}
     for weight in sorted(set(map(float, weights))):
-        fused = model_scores + weight * names                                                        # [M, K]
-        result = rerank_first_stage(first, lambda rows, _, fused=fused: fused[rows], progress=False)
+        fused = by_model.topk_scores + weight * names                                                # [M, K]
+        result = rerank_first_stage(by_model, lambda rows, _, fused=fused: fused[rows], progress=False)
         metrics[weight] = ranking_metrics(ranks_from_counts(result.num_greater, result.num_tied))
     best = max(metrics, key=lambda w: (metrics[w]["hits@1"], metrics[w]["mrr"], -w))
     return NamePriorTuning(checkpoint=str(checkpoint), split=to_rank.name, mentions=len(to_rank.gold_rows),

@@ -273,9 +273,11 @@ class Linker:
         features = encode_items(self.backbone, [self.spec.template.mention_text(p.mention) for p in batch],
                                 [p.image for p in batch], max_text_length=self.spec.max_text_length)
         shortlists = self._first_stage([p.mention for p in batch], features, candidates_k)
-        ranked_all = self._rerank(features, shortlists, [p.mention.surface for p in batch])
+        shortlisted = (self.entities([qid for shortlist in shortlists for qid, _ in shortlist])
+                       if self.name_prior_weight > 0 else {})                           # the prior reads their names
+        ranked_all = self._rerank(features, shortlists, [p.mention.surface for p in batch], shortlisted)
         kept = [items[:top_k] for items in ranked_all]
-        names = self.entities([qid for items in kept for qid, *_ in items])
+        names = shortlisted or self.entities([qid for items in kept for qid, *_ in items])
         threshold = self._nil.threshold if self._nil is not None else None
         statistic = self._nil.statistic if self._nil is not None else None
         results = []
@@ -304,20 +306,18 @@ class Linker:
         return [list(zip(qids, found.scores[row, :len(qids)].tolist(), strict=True))
                 for row, qids in enumerate(found.qids)]
 
-    def _rerank(self, features: FeatureBatch, shortlists: list[list[tuple[str, float]]],
-                surfaces: list[str]) -> list[list[tuple[str, float, dict[str, float], float]]]:
+    def _rerank(self, features: FeatureBatch, shortlists: list[list[tuple[str, float]]], surfaces: list[str],
+                shortlisted: dict[str, Entity]) -> list[list[tuple[str, float, dict[str, float], float]]]:
         """(QID, score, unit scores, retrieval score) per candidate, sorted by score (ties: first-stage order).
 
         With a name prior w > 0 (index manifest), score = model score + w * name_match(surface, name),
-        and the unit scores gain 'name_match'.
+        with the names from `shortlisted` (QID -> Entity), and the unit scores gain 'name_match'.
         """
         if self.manifest["reranker"] == "none":
             return [[(qid, score, {}, score) for qid, score in shortlist] for shortlist in shortlists]
         mentions = self.model.encode_mentions(features)                                 # B rows
         candidates, entities = self._candidate_table(shortlists)                        # [B, K], U rows
         output = self.model.match_candidates(mentions, entities, candidates) if entities is not None else None
-        names = ({qid: entity.name for qid, entity in self.entities(
-            [qid for shortlist in shortlists for qid, _ in shortlist]).items()} if self.name_prior_weight > 0 else {})
         ranked = []
         for row, shortlist in enumerate(shortlists):
             count = len(shortlist)
@@ -327,7 +327,8 @@ class Linker:
             scores = output.scores[row, :count].tolist()                                 # [k]
             units = {name: values[row, :count].tolist() for name, values in output.unit_scores.items()}
             if self.name_prior_weight > 0:
-                units["name_match"] = [name_match(surfaces[row], names.get(qid, "")) for qid, _ in shortlist]
+                units["name_match"] = [name_match(surfaces[row], shortlisted[qid].name if qid in shortlisted else "")
+                                       for qid, _ in shortlist]
                 scores = [s + self.name_prior_weight * m for s, m in zip(scores, units["name_match"], strict=True)]
             order = sorted(range(count), key=lambda i: (-scores[i], i))
             ranked.append([(shortlist[i][0], scores[i], {name: values[i] for name, values in units.items()},
