@@ -49,7 +49,16 @@ from PIL import Image
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from bench_index import current_rss_mib, directory_mib, in_child, machine, peak_rss_mib, percentiles_ms, timed
+from bench_index import (
+    current_rss_mib,
+    directory_mib,
+    in_child,
+    machine,
+    peak_rss_mib,
+    percentiles_ms,
+    timed,
+    unit_rows,
+)
 from mmel.backbones.base import Backbone
 from mmel.core.features import FeatureBatch, InMemoryFeatureTable
 from mmel.core.paths import atomic_write_bytes, atomic_write_json, read_json
@@ -101,10 +110,6 @@ class Settings:
 
 
 # --- synthetic entity features --------------------------------------------------------------------
-
-def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.linalg.norm(matrix, axis=-1, keepdims=True)
-
 
 def mix64(values: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser: a well-spread 64-bit hash of each value (uint64 arithmetic wraps)."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bench_encode import median_seconds
-from bench_index import machine
+from bench_index import machine, unit_rows
 from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.paths import atomic_write_json
 from mmel.data import load_dataset
@@ -60,7 +60,7 @@ class SyntheticFeatureTable:
 
     def __init__(self, count: int, dims: dict[str, int], *, seed: int, image_share: float = 0.25):
         rng = np.random.default_rng(seed)
-        self.text_global = _unit_rows(rng.standard_normal((count, dims["text_dim"]), dtype=np.float32))
+        self.text_global = unit_rows(rng.standard_normal((count, dims["text_dim"]), dtype=np.float32))
         self.text_tokens = np.empty((count, TEXT_LENGTH, dims["text_dim"]), dtype=np.float16)   # [N, L, Dt]
         for start in range(0, count, 10_000):
             stop = min(start + 10_000, count)
@@ -86,10 +86,6 @@ class SyntheticFeatureTable:
 
     def text_global_matrix(self) -> np.ndarray:
         return self.text_global
-
-
-def _unit_rows(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
 def _timed(run: Callable[[], Any], repeats: int) -> float:

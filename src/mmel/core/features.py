@@ -88,3 +88,9 @@ class InMemoryFeatureTable:
 
     def text_global_matrix(self) -> np.ndarray:
         return self.batch.text_global.float().numpy()
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """[rows, width] float32 rows scaled to unit length (an all-zero row stays zero), for cosine scores."""
+    matrix = np.asarray(vectors, dtype=np.float32)
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)

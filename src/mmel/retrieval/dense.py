@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmel.core.features import FeatureTable
+from mmel.core.features import FeatureTable, unit_rows
 from mmel.evaluation.protocols import ScoreBlock
 
 
@@ -41,11 +41,12 @@ class DenseScorer:
         """[b, stop - start] cosine of each mention vector with entity rows [start, stop)."""
         if not 0 <= start <= stop <= self.num_entities:
             raise ValueError(f"entity block [{start}, {stop}) is outside 0..{self.num_entities}")
-        queries = _unit_rows(np.asarray(mention_vectors, dtype=np.float32), "mention_vectors")  # [b, D]
+        queries = _checked_unit_rows(np.asarray(mention_vectors, dtype=np.float32), "mention_vectors")  # [b, D]
         if queries.shape[1] != self.entity_matrix.shape[1]:
             raise ValueError(f"mention vectors have width {queries.shape[1]}, entity vectors "
                              f"{self.entity_matrix.shape[1]}: they come from different backbones")
-        block = _unit_rows(np.asarray(self.entity_matrix[start:stop], dtype=np.float32), "entity vectors")  # [n, D]
+        block = _checked_unit_rows(np.asarray(self.entity_matrix[start:stop], dtype=np.float32),
+                                   "entity vectors")                                          # [n, D]
         return queries @ block.T
 
     def search(self, mention_vectors: np.ndarray, k: int) -> DenseHits:
@@ -73,11 +74,10 @@ class DenseScorer:
         return score_rows
 
 
-def _unit_rows(vectors: np.ndarray, name: str) -> np.ndarray:
+def _checked_unit_rows(vectors: np.ndarray, name: str) -> np.ndarray:
     if vectors.ndim != 2:
         raise ValueError(f"{name} must be a [rows, width] matrix, got shape {vectors.shape}")
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    return unit_rows(vectors)
 
 
 def _top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmel.core.features import FeatureBatch
+from mmel.core.features import FeatureBatch, unit_rows
 from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Dataset
 from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW, ScoreBlock, gold_rows_for
@@ -280,14 +280,14 @@ def nearest_entities(mention_vectors: np.ndarray, entity_vectors: np.ndarray, go
     With `prior` (a ScoreBlock over mention rows, e.g. the surface-name match), entities are ranked by
     the prior first and the cosine only breaks its ties (and fills the pool past the prior's matches).
     """
-    entities = _unit_rows(entity_vectors)                                               # [N, D]
+    entities = unit_rows(entity_vectors)                                               # [N, D]
     pool = min(pool, len(entities) - 1)
     if pool < 1:
         raise ValueError("hard negatives need a knowledge base of at least two entities")
     result = np.empty((len(mention_vectors), pool), dtype=np.int64)
     for start in range(0, len(mention_vectors), block_size):
         stop = min(start + block_size, len(mention_vectors))
-        scores = _unit_rows(mention_vectors[start:stop]) @ entities.T                  # [b, N]
+        scores = unit_rows(mention_vectors[start:stop]) @ entities.T                  # [b, N]
         if prior is not None:
             scores = scores + PRIOR_OVER_COSINE * np.asarray(prior(np.arange(start, stop), 0, len(entities)))
         gold = gold_rows[start:stop]
@@ -297,11 +297,6 @@ def nearest_entities(mention_vectors: np.ndarray, entity_vectors: np.ndarray, go
         order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
         result[start:stop] = np.take_along_axis(best, order, axis=1)
     return result
-
-
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(vectors, dtype=np.float32)
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
 def _check_fraction(fraction: float) -> None:
