@@ -274,7 +274,7 @@ def _rank_batch_candidates(score_pairs: PairScorer, rows: np.ndarray, sets: list
     sizes = np.array([len(entity_rows) for entity_rows in sets])
     mention_rows = np.repeat(rows, sizes)                            # [P]
     entity_rows = np.concatenate(sets)                               # [P]
-    scores = _as_numpy(score_pairs(mention_rows, entity_rows))
+    scores = as_numpy_scores(score_pairs(mention_rows, entity_rows))
     if scores.shape != entity_rows.shape:
         raise ValueError(f"score_pairs returned shape {scores.shape} for {len(entity_rows)} pairs")
     _check_no_nan(scores, f"score_pairs for mentions {rows[0]}..{rows[-1]}")
@@ -329,7 +329,7 @@ def _chunk_bounds(chunk: int, chunk_size: int, num_entities: int) -> tuple[int, 
 
 
 def _call_score_block(score_block: ScoreBlock, rows: np.ndarray, start: int, stop: int) -> np.ndarray:
-    block = _as_numpy(score_block(rows, start, stop))
+    block = as_numpy_scores(score_block(rows, start, stop))
     if block.shape != (len(rows), stop - start):
         raise ValueError(f"score_block returned shape {block.shape} for {len(rows)} mentions x entities "
                          f"[{start}, {stop}); expected {(len(rows), stop - start)}")
@@ -337,13 +337,17 @@ def _call_score_block(score_block: ScoreBlock, rows: np.ndarray, start: int, sto
     return block
 
 
-def _as_numpy(scores: np.ndarray | torch.Tensor) -> np.ndarray:
+def as_numpy_scores(scores: np.ndarray | torch.Tensor, dtype: type | None = None) -> np.ndarray:
+    """A model's (tensor, any device) or a baseline's (array) scores as a NumPy array, in `dtype` if given.
+
+    Half-precision tensors become float32 first (NumPy has no bfloat16).
+    """
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().cpu()
         if scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()
-        return scores.numpy()
-    return np.asarray(scores)
+        scores = scores.numpy()
+    return np.asarray(scores, dtype=dtype)
 
 
 def _check_no_nan(scores: np.ndarray, where: str) -> None:
@@ -353,4 +357,5 @@ def _check_no_nan(scores: np.ndarray, where: str) -> None:
 
 
 __all__ = ["FULL_KB", "MISSING_GOLD_ROW", "NIL_ROW", "PairScorer", "RankingResult", "ScoreBlock",
-           "candidates_protocol_name", "gold_rows_for", "rank_candidates", "rank_full_kb", "top_k_per_row"]
+           "as_numpy_scores", "candidates_protocol_name", "gold_rows_for", "rank_candidates", "rank_full_kb",
+           "top_k_per_row"]

@@ -20,13 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mmel.core.errors import MismatchError
 from mmel.core.features import FeatureTable
 from mmel.core.types import Dataset, Mention
 from mmel.evaluation.metrics import ranking_metrics, ranks_from_counts
-from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, gold_rows_for, rank_full_kb
+from mmel.evaluation.protocols import (
+    FULL_KB,
+    RankingResult,
+    ScoreBlock,
+    as_numpy_scores,
+    gold_rows_for,
+    rank_full_kb,
+)
 from mmel.evaluation.report import EvalReport, build_report
 from mmel.features.name_match import NameMatchIndex
 from mmel.features.store import DatasetFeatures
@@ -224,17 +230,14 @@ def _with_name_prior(scorer: ModelScorer, names: NameMatchIndex, to_rank: SplitT
     name_block = names.score_block(surfaces)
 
     def score_block(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
-        return _as_numpy(scorer.score_block(rows, start, stop)) + weight * name_block(rows, start, stop)
+        return as_numpy_scores(scorer.score_block(rows, start, stop)) + weight * name_block(rows, start, stop)
 
     def rerank(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        return _as_numpy(scorer.rerank(rows, candidates)) + weight * names.candidate_scores(
+        return as_numpy_scores(scorer.rerank(rows, candidates)) + weight * names.candidate_scores(
             [surfaces[row] for row in rows], candidates)
 
     return score_block, rerank
 
-
-def _as_numpy(scores: np.ndarray | torch.Tensor) -> np.ndarray:
-    return scores.double().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, np.float64)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmel.core.features import FeatureTable
-from mmel.evaluation.protocols import RankingResult, ScoreBlock, rank_full_kb
+from mmel.evaluation.protocols import RankingResult, ScoreBlock, as_numpy_scores, rank_full_kb
 from mmel.models.base import MelModel
 
 Reranker = Callable[[np.ndarray, np.ndarray], "np.ndarray | torch.Tensor"]
@@ -126,9 +126,7 @@ def rerank_first_stage(first: RankingResult, rerank: Reranker, *, mention_batch_
 
 def _rerank_batch(rerank: Reranker, rows: np.ndarray, result: RankingResult) -> None:
     candidates = result.topk_rows[rows]                                               # [b, K]
-    scores = rerank(rows, candidates)
-    scores = (scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor)
-              else np.asarray(scores, dtype=np.float64))                              # [b, K]
+    scores = as_numpy_scores(rerank(rows, candidates), np.float64)                   # [b, K]
     if scores.shape != candidates.shape:
         raise ValueError(f"reranker returned shape {scores.shape} for candidates {candidates.shape}")
     order = np.lexsort((candidates, -scores), axis=-1)
