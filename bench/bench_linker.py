@@ -263,13 +263,12 @@ def encode_queries(backbone: Backbone, spec: ModelSpec, queries: list[Query],
 
 def save_queries(directory: Path, queries: list[Query], features: FeatureBatch) -> None:
     atomic_write_json(directory / "queries.json", [query.record() for query in queries])
-    tensors = {item.name: getattr(features, item.name).contiguous() for item in dataclasses.fields(features)}
-    atomic_write_bytes(directory / "features.safetensors", save_tensors(tensors))
+    atomic_write_bytes(directory / "features.safetensors", save_tensors(features.to_tensors()))
 
 
 def load_queries(directory: Path) -> tuple[list[Query], FeatureBatch]:
     queries = [Query.from_record(record) for record in read_json(directory / "queries.json")]
-    return queries, FeatureBatch(**load_tensors((directory / "features.safetensors").read_bytes()))
+    return queries, FeatureBatch.from_tensors(load_tensors((directory / "features.safetensors").read_bytes()))
 
 
 def entity_table(size: int, spec: ModelSpec, backbone_dims: dict[str, int], seed: int, queries: list[Query],

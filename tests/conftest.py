@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,7 @@ def train_head(features: DatasetFeatures, dataset: Dataset) -> MIMICModel:
 
 def _trainable(batch: FeatureBatch) -> FeatureBatch:
     """A copy made outside inference mode, so autograd may use it."""
-    return FeatureBatch(**{item.name: getattr(batch, item.name).clone() for item in fields(batch)})
+    return batch.map_tensors(torch.clone)
 
 
 @pytest.fixture(scope="session")

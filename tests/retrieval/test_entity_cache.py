@@ -8,17 +8,18 @@ import pytest
 import torch
 
 from mmel.core.errors import MismatchError
+from mmel.models.base import RowCache, cache_field
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
 
 
 @dataclass
-class ToyCache:
-    vector: torch.Tensor     # [N, 3]
-    tokens: torch.Tensor     # [N, 2, 4]
-    flag: torch.Tensor       # [N] bool
+class ToyCache(RowCache):
+    vector: torch.Tensor = cache_field("D")           # [N, 3]
+    tokens: torch.Tensor = cache_field("L", "W")      # [N, 2, 4]
+    flag: torch.Tensor = cache_field(kind="bool")     # [N]
 
-    def __len__(self) -> int:
-        return self.vector.shape[0]
+
+TOY_LAYOUT = CacheLayout(ToyCache, ToyCache.layout({"D": 3, "L": 2, "W": 4}))
 
 
 def toy(values: list[float]) -> ToyCache:
@@ -29,7 +30,7 @@ def toy(values: list[float]) -> ToyCache:
 
 
 def test_segments_round_trip_and_newest_row_wins(tmp_path):
-    layout = CacheLayout.of(toy([0.0]))
+    layout = TOY_LAYOUT
     store = EntityCacheStore.create(tmp_path / "cache", layout, "float32")
     store.write_segment(["a", "b"], [toy([1.0]), toy([2.0])], metadata={"images_root": "/one"})
     store.write_segment(["b", "c"], [toy([5.0, 6.0])], metadata={"images_root": "/two"})
@@ -43,7 +44,7 @@ def test_segments_round_trip_and_newest_row_wins(tmp_path):
 
 
 def test_compaction_keeps_live_rows_and_their_segment_metadata(tmp_path):
-    layout = CacheLayout.of(toy([0.0]))
+    layout = TOY_LAYOUT
     store = EntityCacheStore.create(tmp_path / "cache", layout, "float16")
     store.write_segment(["a", "b", "c"], [toy([1.0, 2.0, 3.0])], metadata={"images_root": "/one"})
     store.write_segment(["b", "d"], [toy([5.0, 6.0])], metadata={"images_root": "/two"})
@@ -61,26 +62,30 @@ def test_compaction_keeps_live_rows_and_their_segment_metadata(tmp_path):
 
 
 def test_float16_storage_rounds(tmp_path):
-    store = EntityCacheStore.create(tmp_path / "cache", CacheLayout.of(toy([0.0])), "float16")
+    store = EntityCacheStore.create(tmp_path / "cache", TOY_LAYOUT, "float16")
     store.write_segment(["a"], [toy([1.0001])])
     assert store.gather(["a"]).vector.dtype == torch.float32
     assert store.gather(["a"]).vector[0, 0].item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_guards(tmp_path):
-    with pytest.raises(MismatchError, match="not a dataclass"):
-        CacheLayout.of(torch.zeros(2, 3))
-    ragged = ToyCache(vector=torch.zeros(2, 3), tokens=torch.zeros(3, 2, 4), flag=torch.zeros(2, dtype=torch.bool))
-    with pytest.raises(MismatchError, match="rows"):
-        CacheLayout.of(ragged)
-    layout = CacheLayout.of(toy([0.0]))
+    with pytest.raises(KeyError, match="shape letter"):
+        ToyCache.layout({"D": 3})
+
+    @dataclass
+    class Undeclared(RowCache):
+        vector: torch.Tensor
+
+    with pytest.raises(TypeError, match="cache_field"):
+        Undeclared.layout({})
+    layout = TOY_LAYOUT
     store = EntityCacheStore.create(tmp_path / "cache", layout, "float32")
     with pytest.raises(ValueError, match="2 QIDs but 1 cached rows"):
         store.write_segment(["a", "b"], [toy([1.0])])
     store.write_segment(["a"], [toy([1.0])])
     with pytest.raises(MismatchError, match="no cached rows"):
         EntityCacheStore.open(tmp_path / "cache", layout, live_qids=["a", "z"])
-    other = CacheLayout.of(ToyCache(vector=torch.zeros(1, 5), tokens=torch.zeros(1, 2, 4), flag=torch.zeros(1) > 0))
+    other = CacheLayout(ToyCache, ToyCache.layout({"D": 5, "L": 2, "W": 4}))
     with pytest.raises(MismatchError, match="does not fit"):
         EntityCacheStore.open(tmp_path / "cache", other, live_qids=["a"])
     with pytest.raises(KeyError, match="no cached rows"):

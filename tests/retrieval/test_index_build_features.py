@@ -32,7 +32,8 @@ def random_features(count: int, seed: int = 0) -> FeatureBatch:
 def small_model(tmp_path):
     torch.manual_seed(0)
     model = MIMICModel(MIMICConfig(text_dim=8, image_global_dim=6, image_patch_dim=7, hidden_dim=4)).eval()
-    model.save_pretrained(tmp_path / "model")
+    model.save_pretrained(tmp_path / "model", metadata={"preprocess": {"max_text_length": 5},
+                                                        "backbone": {"name": "minilm_effnet", "num_patches": 3}})
     return model, tmp_path / "model"
 
 
@@ -54,7 +55,7 @@ def test_index_from_a_feature_table_holds_the_models_cache_and_vectors(tmp_path,
     qids = [f"Q{row}" for row in range(ENTITIES)]
     with torch.inference_mode():
         expected = model.encode_entities(features)
-    cache = EntityCacheStore.open(tmp_path / "index" / "entity_cache", CacheLayout.of(expected), qids)
+    cache = EntityCacheStore.open(tmp_path / "index" / "entity_cache", CacheLayout.for_model(model, 5, features.image_patches.shape[1]), qids)
     stored = cache.gather(qids[::-1])
     for item in fields(expected):
         torch.testing.assert_close(getattr(stored, item.name), getattr(expected, item.name).flip(0))

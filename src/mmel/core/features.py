@@ -6,49 +6,120 @@ Dg global image width, P image patches (+CLS where the backbone has one), Dp pat
 A missing image is the normal case in MEL data. Rows without an image carry the backbone's
 features of an all-zero pixel tensor (exactly what the published MIMIC/M3EL code encodes) and
 `has_image = False`, so a model can either use them as the release does or mask them out.
+
+Text comes in named views (`mmel.features.templates.TEXT_VIEWS`: `mention`, `mention_sentence`,
+`caption`, `name`, `name_attr`, `name_desc`, `desc`). A batch carries its *primary* view in full
+(global vector and token states, the `text_*` fields) and any further views the model asks for as
+pooled vectors in `views`, each with a `present` flag: a mention without a caption, or an entity
+without a description, has `present = False` and a zero vector, never the encoding of an empty
+string. `FeatureViews` is what a model declares it reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
 import torch
 
 
+@dataclass(frozen=True)
+class FeatureViews:
+    """The named text views a model reads (see the module doc); `ModelSpec` and the feature store check them.
+
+    mention / entity:             the primary view of each side (global vector and token states)
+    mention_extra / entity_extra: further views, pooled vectors only
+    """
+
+    mention: str = "mention_sentence"
+    entity: str = "name_attr"
+    mention_extra: tuple[str, ...] = ()
+    entity_extra: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mention": self.mention, "entity": self.entity, "mention_extra": list(self.mention_extra),
+                "entity_extra": list(self.entity_extra)}
+
+
+@dataclass
+class PooledView:
+    """One further text view of B items: its pooled vector, and whether the item has that text at all."""
+
+    global_: torch.Tensor   # [B, Dt]  zero where `present` is False
+    present: torch.Tensor   # [B]      bool
+
+    def __len__(self) -> int:
+        return self.global_.shape[0]
+
+
 @dataclass
 class FeatureBatch:
-    text_global: torch.Tensor    # [B, Dt]     pooled / projected sentence vector
+    text_global: torch.Tensor    # [B, Dt]     pooled / projected vector of the primary text view
     text_tokens: torch.Tensor    # [B, L, Dt]  token states (pads included)
     text_mask: torch.Tensor      # [B, L]      bool, True for real tokens
     image_global: torch.Tensor   # [B, Dg]     pooled / projected image vector
     image_patches: torch.Tensor  # [B, P, Dp]  patch or grid tokens
     has_image: torch.Tensor      # [B]         bool
+    views: dict[str, PooledView] = field(default_factory=dict)   # further named views, pooled
 
     def __len__(self) -> int:
         return self.text_global.shape[0]
 
+    def _tensor_fields(self) -> list[str]:
+        return [item.name for item in fields(self) if item.name != "views"]
+
+    def map_tensors(self, function) -> FeatureBatch:
+        """A batch with `function` applied to every tensor, the views' included."""
+        views = {name: PooledView(function(view.global_), function(view.present)) for name, view in self.views.items()}
+        return FeatureBatch(**{name: function(getattr(self, name)) for name in self._tensor_fields()}, views=views)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FeatureBatch:
         """Move to a device; `dtype` applies to the floating-point tensors only."""
-        moved = {}
-        for item in fields(self):
-            tensor = getattr(self, item.name)
+        def move(tensor: torch.Tensor) -> torch.Tensor:
             cast = dtype if dtype is not None and tensor.is_floating_point() else None
-            moved[item.name] = tensor.to(device=device, dtype=cast)
-        return FeatureBatch(**moved)
+            return tensor.to(device=device, dtype=cast)
+        return self.map_tensors(move)
 
     def select(self, rows: torch.Tensor | slice | list[int]) -> FeatureBatch:
         """The sub-batch at `rows` (an index tensor, list or slice)."""
-        return FeatureBatch(**{item.name: getattr(self, item.name)[rows] for item in fields(self)})
+        return self.map_tensors(lambda tensor: tensor[rows])
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """A flat name -> tensor mapping (e.g. for safetensors); views become `view.<name>.global|present`."""
+        flat = {name: getattr(self, name).contiguous() for name in self._tensor_fields()}
+        for name, view in self.views.items():
+            flat[f"view.{name}.global"] = view.global_.contiguous()
+            flat[f"view.{name}.present"] = view.present.contiguous()
+        return flat
+
+    @classmethod
+    def from_tensors(cls, flat: dict[str, torch.Tensor]) -> FeatureBatch:
+        """The inverse of `to_tensors`."""
+        names = sorted({key.split(".")[1] for key in flat if key.startswith("view.")})
+        views = {name: PooledView(flat[f"view.{name}.global"], flat[f"view.{name}.present"]) for name in names}
+        return cls(**{key: value for key, value in flat.items() if not key.startswith("view.")}, views=views)
+
+    def view(self, name: str) -> PooledView:
+        """The named pooled view; a clear error names the views this batch has."""
+        try:
+            return self.views[name]
+        except KeyError:
+            raise KeyError(f"text view {name!r} is not in this batch (it has: {', '.join(self.views) or 'none'}); "
+                           "build the features with the views the model declares") from None
 
     @staticmethod
     def concat(batches: list[FeatureBatch]) -> FeatureBatch:
         if not batches:
             raise ValueError("FeatureBatch.concat needs at least one batch")
-        return FeatureBatch(**{item.name: torch.cat([getattr(b, item.name) for b in batches])
-                               for item in fields(FeatureBatch)})
+        names = set(batches[0].views)
+        if any(set(batch.views) != names for batch in batches):
+            raise ValueError("FeatureBatch.concat needs batches with the same text views")
+        views = {name: PooledView(torch.cat([b.views[name].global_ for b in batches]),
+                                  torch.cat([b.views[name].present for b in batches])) for name in batches[0].views}
+        return FeatureBatch(**{name: torch.cat([getattr(b, name) for b in batches])
+                               for name in batches[0]._tensor_fields()}, views=views)
 
     @property
     def dims(self) -> dict[str, int]:

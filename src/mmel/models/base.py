@@ -1,12 +1,28 @@
-"""MelModel: the save/load contract every published model implements.
+"""The model contract every published model implements: config, views, row caches, scoring, save/load.
 
 A model reads `FeatureBatch`es (never a backbone), so one class runs on any backbone whose
-widths match its config. Entity-side work that does not depend on the mention is split out
-(`encode_entities`) so that ranking a whole KB computes it once per KB, not once per batch.
+widths match its config. Scoring is split in three so that ranking a KB computes each side once:
+
+    encode_entities(FeatureBatch [N]) -> entity RowCache [N]      once per KB (the index stores it)
+    encode_mentions(FeatureBatch [B]) -> mention RowCache [B]     once per mention batch
+    match(mentions [B], entities [N]) -> MatchOutput [B, N]       every pair (exhaustive ranking)
+    match_candidates(mentions [B], entities [U], candidates [B, K]) -> MatchOutput [B, K]
+                                                                  each mention's own candidates (reranking)
+
+A `RowCache` is a dataclass of tensors with one row per item, declared with `cache_field`, whose
+shape letters the model resolves from its config (`cache_sizes`): the index knows the layout of
+the entity cache from the class alone, before anything is encoded. A model also declares which
+named text views it reads (`feature_views`), and the unit names of its `MatchOutput`.
+
+Adding a model: one file with a `MelModelConfig` subclass, its caches and a `MelModel` subclass,
+plus one line in `mmel.models.MODELS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -14,35 +30,143 @@ import torch
 from torch import nn
 
 from mmel.core.checkpoint import read_checkpoint_header, read_checkpoint_weights, save_checkpoint
-from mmel.core.config import ConfigBase
+from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.errors import MismatchError
-from mmel.core.features import FeatureBatch
+from mmel.core.features import FeatureBatch, FeatureViews
 from mmel.models.outputs import MatchOutput
 
 M = TypeVar("M", bound="MelModel")
+R = TypeVar("R", bound="RowCache")
+
+CacheShape = tuple[tuple[int, ...], str]
+"""The trailing shape of one cache field (after the row axis) and its kind, 'float' or 'bool'."""
+
+
+def cache_field(*dims: str, kind: str = "float") -> Any:
+    """A RowCache field whose tensor is [rows, *dims]; dims are shape letters the model resolves (`cache_sizes`)."""
+    if kind not in ("float", "bool"):
+        raise ValueError(f"cache field kind must be 'float' or 'bool', got {kind!r}")
+    return dataclasses.field(metadata={"dims": dims, "kind": kind})
+
+
+@dataclass
+class RowCache:
+    """Tensors with one row per mention or entity, sliced, joined and moved along that row axis.
+
+    Scoring may pair a cache with a leading pairing axis (`paired`): [1, N, ...] when every
+    mention meets the same N entities, or [B, K, ...] after `select` with a [B, K] index tensor.
+    """
+
+    def __len__(self) -> int:
+        return getattr(self, dataclasses.fields(self)[0].name).shape[0]
+
+    def _apply(self: R, function) -> R:
+        return type(self)(**{item.name: function(getattr(self, item.name)) for item in dataclasses.fields(self)})
+
+    def select(self: R, rows: torch.Tensor | slice | list[int]) -> R:
+        """Rows `rows` (a slice, list, [K] or [B, K] index tensor; the last adds a pairing axis)."""
+        return self._apply(lambda tensor: tensor[rows])
+
+    def paired(self: R) -> R:
+        """Every tensor with a leading pairing axis of size 1 ([N, ...] -> [1, N, ...])."""
+        return self._apply(lambda tensor: tensor.unsqueeze(0))
+
+    def to(self: R, device: torch.device | str) -> R:
+        return self._apply(lambda tensor: tensor.to(device))
+
+    @classmethod
+    def concat(cls: type[R], caches: list[R]) -> R:
+        if not caches:
+            raise ValueError(f"{cls.__name__}.concat needs at least one cache")
+        return cls(**{item.name: torch.cat([getattr(c, item.name) for c in caches])
+                      for item in dataclasses.fields(cls)})
+
+    @classmethod
+    def layout(cls, sizes: Mapping[str, int]) -> dict[str, CacheShape]:
+        """Each field's trailing shape and kind, its shape letters resolved by `sizes`."""
+        shapes = {}
+        for item in dataclasses.fields(cls):
+            if "dims" not in item.metadata:
+                raise TypeError(f"{cls.__name__}.{item.name} is not declared with cache_field(...)")
+            unknown = [letter for letter in item.metadata["dims"] if letter not in sizes]
+            if unknown:
+                raise KeyError(f"{cls.__name__}.{item.name}: no size for shape letter(s) {unknown}")
+            shapes[item.name] = (tuple(int(sizes[letter]) for letter in item.metadata["dims"]), item.metadata["kind"])
+        return shapes
+
+
+@dataclass
+class MelModelConfig(ConfigBase):
+    """What every model config has: the widths of the features it reads (a backbone's widths).
+
+    text_dim:         width of the text vectors and token states (t_cls, t_tok)
+    image_global_dim: width of the global image vector
+    image_patch_dim:  width of the image patch/grid tokens
+    """
+
+    text_dim: int = 512            # CLIP ViT-B/32 text width (models.md §1.2)
+    image_global_dim: int = 512    # CLIP image_embeds
+    image_patch_dim: int = 768     # CLIP vision width
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name.endswith("_dim") and value <= 0:
+                raise ConfigError(f"{type(self).__name__}.{item.name} must be positive, got {value}")
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """The feature widths, keyed as `FeatureBatch.dims` keys them."""
+        return {"text_dim": self.text_dim, "image_global_dim": self.image_global_dim,
+                "image_patch_dim": self.image_patch_dim}
 
 
 class MelModel(nn.Module):
-    config_class: ClassVar[type[ConfigBase]]
+    config_class: ClassVar[type[MelModelConfig]]
+    entity_cache_class: ClassVar[type[RowCache]]
+    mention_cache_class: ClassVar[type[RowCache]]
+    unit_names: ClassVar[tuple[str, ...]] = ()     # keys of MatchOutput.unit_scores, in display order
 
-    def __init__(self, config: ConfigBase):
+    def __init__(self, config: MelModelConfig):
         super().__init__()
         self.config = config
 
+    # --- what the model reads and stores ----------------------------------------------------
+    def feature_views(self) -> FeatureViews:
+        """The named text views this model reads (default: MIMIC's `mention [SEP] sentence` / `name [SEP] attr`)."""
+        return FeatureViews()
+
+    def cache_sizes(self, text_length: int, image_tokens: int) -> dict[str, int]:
+        """Sizes of the shape letters in this model's cache fields, for features of that length / token count."""
+        return {"L": text_length, "P": image_tokens, "Dt": self.config.text_dim,
+                "Dg": self.config.image_global_dim, "Dp": self.config.image_patch_dim}
+
+    def entity_cache_layout(self, text_length: int, image_tokens: int) -> dict[str, CacheShape]:
+        """The layout of `encode_entities`' output, known before anything is encoded."""
+        return self.entity_cache_class.layout(self.cache_sizes(text_length, image_tokens))
+
+    def check_widths(self, batch: FeatureBatch) -> None:
+        """Refuse features whose widths differ from the config's, naming both."""
+        found = {**batch.dims, "text_global_dim": batch.text_global.shape[-1]}
+        expected = {**self.config.widths, "text_global_dim": self.config.text_dim}
+        if found != expected:
+            raise MismatchError(f"features have widths {found} but this {type(self).__name__} expects {expected}; "
+                                "use features from the backbone the model was trained with")
+
     # --- scoring contract -------------------------------------------------------------------
-    def encode_entities(self, entities: FeatureBatch) -> Any:
-        """Everything about the N entities that does not depend on a mention (a model-specific cache)."""
+    def encode_entities(self, entities: FeatureBatch) -> RowCache:
+        """Everything about the N entities that does not depend on a mention."""
         raise NotImplementedError
 
-    def encode_mentions(self, mentions: FeatureBatch) -> Any:
+    def encode_mentions(self, mentions: FeatureBatch) -> RowCache:
         """Everything about the B mentions that does not depend on an entity."""
         raise NotImplementedError
 
-    def match(self, mentions: Any, entities: Any) -> MatchOutput:
+    def match(self, mentions: RowCache, entities: RowCache) -> MatchOutput:
         """Score encoded mentions [B] against encoded entities [N] -> MatchOutput with [B, N] scores."""
         raise NotImplementedError
 
-    def match_candidates(self, mentions: Any, entities: Any, candidates: torch.Tensor) -> MatchOutput:
+    def match_candidates(self, mentions: RowCache, entities: RowCache, candidates: torch.Tensor) -> MatchOutput:
         """Scores [B, K]: encoded mention b against its own candidates, the entity rows `candidates[b]` ([B, K]).
 
         This generic version scores one mention at a time; models override it with a batched one.

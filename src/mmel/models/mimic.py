@@ -14,17 +14,15 @@ checkpoint maps onto this model with a plain prefix table (`mmel.models.convert_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmel.core.config import ConfigBase, ConfigError
-from mmel.core.errors import MismatchError
 from mmel.core.features import FeatureBatch
-from mmel.models.base import MelModel
+from mmel.models.base import MelModel, MelModelConfig, RowCache, cache_field
 from mmel.models.outputs import MatchOutput
 
 # Default bound on the attention logits (or DUAL pair activations) materialised at once while
@@ -37,7 +35,7 @@ MAX_CANDIDATE_PAIR_ELEMENTS = 1 << 20
 
 
 @dataclass
-class MIMICConfig(ConfigBase):
+class MIMICConfig(MelModelConfig):
     """MIMIC matcher. Widths default to CLIP ViT-B/32 (§1.2); hidden width dv = 96 (§1.8).
 
     The two mmel options are on by default; setting both to False reproduces the release exactly.
@@ -54,76 +52,44 @@ class MIMICConfig(ConfigBase):
 
     model_type: ClassVar[str] = "mimic"
 
-    text_dim: int = 512            # dt: width of t_cls and t_tok (CLIP text width, §1.2)
-    image_global_dim: int = 512    # width of the global image vector fed to image_cls_fc (CLIP image_embeds, §1.2)
-    image_patch_dim: int = 768     # width of the image tokens fed to image_tokens_fc (CLIP vision width, §1.2)
+    # text_dim (dt), image_global_dim (fed to image_cls_fc) and image_patch_dim (fed to
+    # image_tokens_fc) come from MelModelConfig with CLIP ViT-B/32's widths (§1.2).
     hidden_dim: int = 96           # dv, the width of every unit (§1.8)
     mask_missing_images: bool = True
     exclude_duplicate_negatives: bool = True
 
-    def __post_init__(self) -> None:
-        for name in ("text_dim", "image_global_dim", "image_patch_dim", "hidden_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"MIMICConfig.{name} must be positive, got {getattr(self, name)}")
-
 
 # --- caches of per-side work ---------------------------------------------------------------------
 
-C = TypeVar("C", bound="_RowCache")
-
 
 @dataclass
-class _RowCache:
-    """Tensors whose first dimension is one row per mention or entity; sliced and joined along it."""
-
-    def __len__(self) -> int:
-        return getattr(self, fields(self)[0].name).shape[0]
-
-    def select(self: C, rows: torch.Tensor | slice | list[int]) -> C:
-        return type(self)(**{item.name: getattr(self, item.name)[rows] for item in fields(self)})
-
-    @classmethod
-    def concat(cls: type[C], caches: list[C]) -> C:
-        if not caches:
-            raise ValueError(f"{cls.__name__}.concat needs at least one cache")
-        return cls(**{item.name: torch.cat([getattr(c, item.name) for c in caches]) for item in fields(cls)})
-
-    def unsqueeze(self: C) -> C:
-        """Every tensor with a leading axis of size 1 ([N, ...] -> [1, N, ...]), for pairing (`MIMICModel.match`)."""
-        return type(self)(**{item.name: getattr(self, item.name).unsqueeze(0) for item in fields(self)})
-
-    def to(self: C, device: torch.device | str) -> C:
-        return type(self)(**{item.name: getattr(self, item.name).to(device) for item in fields(self)})
-
-
-@dataclass
-class MIMICEntityCache(_RowCache):
+class MIMICEntityCache(RowCache):
     """Everything MIMIC computes from the N entities alone (`MIMICModel.encode_entities`)."""
 
-    text_cls: torch.Tensor             # [N, Dt]    LN(t_cls_e), for s_g2g
-    text_cls_key: torch.Tensor         # [N, D]     W_c(t_cls_e), for s_g2l
-    text_token_queries: torch.Tensor   # [N, L, D]  W_q(t_tok_e)
-    e2m_query: torch.Tensor            # [N, D]     DUAL_e2m: cls_fc(v_cls_e)
-    e2m_query_norm: torch.Tensor       # [N, D]     DUAL_e2m: layer_norm(cls_fc(v_cls_e))
-    m2e_key: torch.Tensor              # [N, D]     DUAL_m2e: cls_fc(v_cls_e)
-    m2e_value: torch.Tensor            # [N, D]     DUAL_m2e: mean_P tokens_fc(v_tok_e)
-    fused: torch.Tensor                # [N, D]     CMFU z_e
-    has_image: torch.Tensor            # [N]        bool
+    text_cls: torch.Tensor = cache_field("Dt")                 # LN(t_cls_e), for s_g2g
+    text_cls_key: torch.Tensor = cache_field("D")              # W_c(t_cls_e), for s_g2l
+    text_token_queries: torch.Tensor = cache_field("L", "D")   # W_q(t_tok_e)
+    e2m_query: torch.Tensor = cache_field("D")                 # DUAL_e2m: cls_fc(v_cls_e)
+    e2m_query_norm: torch.Tensor = cache_field("D")            # DUAL_e2m: layer_norm(cls_fc(v_cls_e))
+    m2e_key: torch.Tensor = cache_field("D")                   # DUAL_m2e: cls_fc(v_cls_e)
+    m2e_value: torch.Tensor = cache_field("D")                 # DUAL_m2e: mean_P tokens_fc(v_tok_e)
+    fused: torch.Tensor = cache_field("D")                     # CMFU z_e
+    has_image: torch.Tensor = cache_field(kind="bool")
 
 
 @dataclass
-class MIMICMentionCache(_RowCache):
+class MIMICMentionCache(RowCache):
     """Everything MIMIC computes from the B mentions alone (`MIMICModel.encode_mentions`)."""
 
-    text_cls: torch.Tensor             # [B, Dt]    LN(t_cls_m)
-    text_token_keys: torch.Tensor      # [B, L, D]  W_k(t_tok_m)
-    text_token_values: torch.Tensor    # [B, L, D]  W_v(t_tok_m)
-    e2m_key: torch.Tensor              # [B, D]     DUAL_e2m: cls_fc(v_cls_m)
-    e2m_value: torch.Tensor            # [B, D]     DUAL_e2m: mean_P tokens_fc(v_tok_m)
-    m2e_query: torch.Tensor            # [B, D]     DUAL_m2e: cls_fc(v_cls_m)
-    m2e_query_norm: torch.Tensor       # [B, D]     DUAL_m2e: layer_norm(cls_fc(v_cls_m))
-    fused: torch.Tensor                # [B, D]     CMFU z_m
-    has_image: torch.Tensor            # [B]        bool
+    text_cls: torch.Tensor = cache_field("Dt")                 # LN(t_cls_m)
+    text_token_keys: torch.Tensor = cache_field("L", "D")      # W_k(t_tok_m)
+    text_token_values: torch.Tensor = cache_field("L", "D")    # W_v(t_tok_m)
+    e2m_key: torch.Tensor = cache_field("D")                   # DUAL_e2m: cls_fc(v_cls_m)
+    e2m_value: torch.Tensor = cache_field("D")                 # DUAL_e2m: mean_P tokens_fc(v_tok_m)
+    m2e_query: torch.Tensor = cache_field("D")                 # DUAL_m2e: cls_fc(v_cls_m)
+    m2e_query_norm: torch.Tensor = cache_field("D")            # DUAL_m2e: layer_norm(cls_fc(v_cls_m))
+    fused: torch.Tensor = cache_field("D")                     # CMFU z_m
+    has_image: torch.Tensor = cache_field(kind="bool")
 
 
 # --- TGLU ---------------------------------------------------------------------------------------
@@ -300,6 +266,9 @@ class MIMICModel(MelModel):
 
     config_class = MIMICConfig
     config: MIMICConfig
+    entity_cache_class = MIMICEntityCache
+    mention_cache_class = MIMICMentionCache
+    unit_names = ("tglu", "vdlu", "cmfu")
 
     def __init__(self, config: MIMICConfig):
         super().__init__(config)
@@ -316,10 +285,13 @@ class MIMICModel(MelModel):
         self.max_pair_elements = MAX_PAIR_ELEMENTS
         self.max_candidate_pair_elements = MAX_CANDIDATE_PAIR_ELEMENTS
 
+    def cache_sizes(self, text_length: int, image_tokens: int) -> dict[str, int]:
+        return {**super().cache_sizes(text_length, image_tokens), "D": self.config.hidden_dim}
+
     # --- per-side encoding (§1.2-1.3 and the side-only parts of each unit) ----------------------
     def _prenormalise(self, batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """t_cls [X, Dt], t_tok [X, L, Dt], v_cls [X, D], v_tok [X, P, D], each layer-normalised (§1.3)."""
-        self._check_widths(batch)
+        self.check_widths(batch)
         text_cls = self.text_cls_layernorm(batch.text_global)
         text_tokens = self.text_tokens_layernorm(batch.text_tokens)
         image_cls = self.image_cls_layernorm(self.image_cls_fc(batch.image_global))
@@ -358,7 +330,7 @@ class MIMICModel(MelModel):
     def match(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> MatchOutput:
         """Scores [B, N] and unit scores; the entity side is split so no chunk exceeds `max_pair_elements`."""
         chunk = max(1, self.max_pair_elements // (len(mentions) * self._pair_elements(mentions, entities)))
-        parts = [self._match_paired(mentions, entities.select(slice(start, start + chunk)).unsqueeze())
+        parts = [self._match_paired(mentions, entities.select(slice(start, start + chunk)).paired())
                  for start in range(0, max(len(entities), 1), chunk)]
         return _concat_outputs(parts, dim=1)
 
@@ -442,14 +414,6 @@ class MIMICModel(MelModel):
             is_label = torch.arange(scores.shape[1], device=scores.device)[None, :] == labels[:, None]
             usable = ~same_entity | is_label
         return usable
-
-    def _check_widths(self, batch: FeatureBatch) -> None:
-        """t_cls and t_tok share one width (§1.3: both LayerNorms are text_dim wide), as in every OpenAI CLIP."""
-        expected = {"text_dim": self.config.text_dim, "image_global_dim": self.config.image_global_dim,
-                    "image_patch_dim": self.config.image_patch_dim, "text_global_dim": self.config.text_dim}
-        if {**batch.dims, "text_global_dim": batch.text_global.shape[-1]} != expected:
-            raise MismatchError(f"features have widths {batch.dims} but this MIMIC model expects {expected}; "
-                                "use features from the backbone the model was trained with")
 
 
 def _pair_dot(mention_vectors: torch.Tensor, entity_vectors: torch.Tensor) -> torch.Tensor:

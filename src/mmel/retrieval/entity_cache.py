@@ -14,8 +14,8 @@ segment; an updated entity's newest row wins; removed entities simply lose their
 caller passes the live QIDs), so adding and removing never rewrite a segment. Dead rows stay on
 disk until `compact` copies the live rows into fresh segments (one per distinct segment
 metadata) and deletes the old ones; the listing switches in one atomic write, so an interrupted
-compaction leaves the old segments in use. The cache class must be a
-dataclass whose fields are tensors with one row per entity (MIMIC's `_RowCache` pattern).
+compaction leaves the old segments in use. The cache is the model's entity `RowCache`
+(`mmel.models.base`), whose layout the model declares (`MelModel.entity_cache_layout`).
 
 Shapes: N entities, K gathered rows; each field is [N, *trailing].
 """
@@ -36,6 +36,7 @@ import torch
 
 from mmel.core.errors import DataError, MismatchError
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
+from mmel.models.base import MelModel
 
 SEGMENTS_FILE = "segments.json"
 SEGMENT_NAME = re.compile(r"segment-(\d{6,})")
@@ -51,23 +52,9 @@ class CacheLayout:
     fields: dict[str, tuple[tuple[int, ...], str]]
 
     @classmethod
-    def of(cls, cache: Any) -> CacheLayout:
-        """Read the layout off one encoded cache; refuse caches that are not row-aligned tensor dataclasses."""
-        if not dataclasses.is_dataclass(cache) or isinstance(cache, type):
-            raise MismatchError(f"the model's entity cache ({type(cache).__name__}) is not a dataclass of tensors, "
-                                "so it cannot be stored in an index")
-        fields: dict[str, tuple[tuple[int, ...], str]] = {}
-        rows = None
-        for item in dataclasses.fields(cache):
-            tensor = getattr(cache, item.name)
-            if not isinstance(tensor, torch.Tensor) or tensor.ndim == 0:
-                raise MismatchError(f"{type(cache).__name__}.{item.name} is not a tensor with one row per entity")
-            rows = tensor.shape[0] if rows is None else rows
-            if tensor.shape[0] != rows:
-                raise MismatchError(f"{type(cache).__name__}.{item.name} has {tensor.shape[0]} rows, not {rows}")
-            kind = "bool" if tensor.dtype == torch.bool else "float"
-            fields[item.name] = (tuple(tensor.shape[1:]), kind)
-        return cls(type(cache), fields)
+    def for_model(cls, model: MelModel, text_length: int, image_tokens: int) -> CacheLayout:
+        """The layout `model` declares for features of `text_length` tokens and `image_tokens` image tokens."""
+        return cls(model.entity_cache_class, model.entity_cache_layout(text_length, image_tokens))
 
     def describe(self) -> dict[str, Any]:
         """JSON description for the manifest (what `check` compares)."""
@@ -204,7 +191,13 @@ class EntityCacheStore:
                 if start + len(cache) > len(qids):
                     raise ValueError(f"more cached rows than the {len(qids)} QIDs")
                 for field_name, array in arrays.items():
-                    array[start:start + len(cache)] = getattr(cache, field_name).detach().cpu().numpy()
+                    values = getattr(cache, field_name)
+                    if tuple(values.shape[1:]) != array.shape[1:]:
+                        raise MismatchError(f"{type(cache).__name__}.{field_name} rows have shape "
+                                            f"{tuple(values.shape[1:])}, the layout says {array.shape[1:]}: the "
+                                            "features' text length or image token count differs from the model's "
+                                            "checkpoint (preprocess.max_text_length, backbone.num_patches)")
+                    array[start:start + len(cache)] = values.detach().cpu().numpy()
                 start += len(cache)
             if start != len(qids):
                 raise ValueError(f"{len(qids)} QIDs but {start} cached rows")

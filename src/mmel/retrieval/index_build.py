@@ -21,7 +21,6 @@ paths give the same features.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import shutil
 import time
@@ -120,6 +119,7 @@ class ModelSpec:
     backbone_fingerprint: str | None
     template: TextTemplate
     max_text_length: int
+    image_tokens: int = 49           # P: image tokens per item of the backbone's features (config.json "backbone")
     name_prior_weight: float = 0.0   # tuned weight of the surface-name match (config.json "inference"), 0 = none
 
     @classmethod
@@ -132,6 +132,7 @@ class ModelSpec:
                    backbone_fingerprint=backbone.get("fingerprint"),
                    template=_template_from(preprocess, source=Path(checkpoint_dir)),
                    max_text_length=int(preprocess.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)),
+                   image_tokens=int(backbone.get("num_patches", 49)),
                    name_prior_weight=float((header.get("inference") or {}).get("name_prior_weight", 0.0)))
 
 
@@ -208,7 +209,8 @@ def build_index(dataset: Dataset, checkpoint_dir: Path, out_dir: Path, *, config
             else:
                 batches = encode_entity_batches(backbone, list(kb), dataset.root, spec, config.encode_batch_size,
                                                 report)
-            vectors, with_image = _write_entity_cache(tmp / CACHE_DIR, model, kb, batches, storage_dtype,
+            layout = CacheLayout.for_model(model, spec.max_text_length, spec.image_tokens)
+            vectors, with_image = _write_entity_cache(tmp / CACHE_DIR, layout, model, kb, batches, storage_dtype,
                                                       Path(dataset.root).resolve(), progress)
         with _stage(stages, "vectors"):
             vectors_index = VectorIndex.build(vectors, kb.qids, config.vector_index_config(), progress=progress,
@@ -321,8 +323,9 @@ def _stored_feature_batches(dataset: Dataset, backbone: Backbone, spec: ModelSpe
     yield from _table_batches(features.entities, config.encode_batch_size)
 
 
-def _write_entity_cache(directory: Path, model: MelModel, kb: KnowledgeBase, batches: Iterator[FeatureBatch],
-                        storage_dtype: str, images_root: Path, progress: bool) -> tuple[np.ndarray, int]:
+def _write_entity_cache(directory: Path, layout: CacheLayout, model: MelModel, kb: KnowledgeBase,
+                        batches: Iterator[FeatureBatch], storage_dtype: str, images_root: Path,
+                        progress: bool) -> tuple[np.ndarray, int]:
     """Encode every entity's cache into one segment, streamed to disk; return the vectors [N, Dt] and image count."""
     vectors: list[np.ndarray] = []
     with_image = 0
@@ -337,10 +340,8 @@ def _write_entity_cache(directory: Path, model: MelModel, kb: KnowledgeBase, bat
                 bar.update(len(batch))
                 yield cache
 
-    stream = caches()
-    first = next(stream)
-    store = EntityCacheStore.create(directory, CacheLayout.of(first), storage_dtype)
-    store.write_segment(kb.qids, itertools.chain([first], stream), metadata={"images_root": str(images_root)})
+    store = EntityCacheStore.create(directory, layout, storage_dtype)
+    store.write_segment(kb.qids, caches(), metadata={"images_root": str(images_root)})
     return np.concatenate(vectors), with_image
 
 

@@ -202,7 +202,8 @@ class Linker:
         vectors = VectorIndex.load(directory / VECTORS_DIR, expect={"template": spec.template.to_dict(),
                                                                     "max_text_length": spec.max_text_length})
         store = EntityStore.open(directory / ENTITIES_FILE)
-        cache = EntityCacheStore.open(directory / CACHE_DIR, _cache_layout(model, backbone, spec), vectors.qids())
+        layout = CacheLayout.for_model(model, spec.max_text_length, spec.image_tokens)
+        cache = EntityCacheStore.open(directory / CACHE_DIR, layout, vectors.qids())
         bm25 = BM25Index.load(directory / BM25_DIR) if manifest["first_stage"] != "dense" else None
         nil = NilCalibration.load(directory / NIL_FILE) if (directory / NIL_FILE).is_file() else None
         linker = cls(directory, manifest, model=model, backbone=backbone, spec=spec, vectors=vectors, store=store,
@@ -681,13 +682,6 @@ def _model_fingerprint(expect_model: Path | str) -> str:
     """A checkpoint directory's weights SHA-256, or the SHA-256 itself."""
     candidate = Path(expect_model)
     return weights_fingerprint(candidate) if candidate.is_dir() else str(expect_model)
-
-
-def _cache_layout(model: MelModel, backbone: Backbone, spec: ModelSpec) -> CacheLayout:
-    """The model's entity-cache layout, read off the encoding of one blank entity."""
-    with torch.inference_mode():
-        probe = encode_items(backbone, [""], [None], max_text_length=spec.max_text_length)
-        return CacheLayout.of(model.encode_entities(probe))
 
 
 def _bm25_hits(bm25: BM25Index, mentions: list[Mention], k: int, *, drop_zero: bool) -> list[list[tuple[str, float]]]:

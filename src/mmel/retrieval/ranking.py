@@ -59,7 +59,7 @@ class ModelScorer:
         parts = [self.model.encode_entities(self.entities.gather(np.arange(s, min(s + self.encode_batch_size,
                                                                                    len(self.entities)))))
                  for s in tqdm(starts, desc="encoding KB (entity side)", unit="batch", disable=not self.progress)]
-        return type(parts[0]).concat(parts)
+        return self.model.entity_cache_class.concat(parts)
 
     @torch.inference_mode()
     def encoded_mentions(self, mention_rows: np.ndarray):

@@ -55,8 +55,7 @@ class BackboneEncoder(nn.Module):
 class MelSystem(L.LightningModule):
     """Unit-consistency training (§1.7) and full-KB dev ranking (§1.9) for any MelModel.
 
-    The model's entity cache must offer `select(rows)` and `type(cache).concat(caches)`, so the
-    KB is encoded in batches and scored in chunks.
+    The KB is encoded in batches into the model's entity `RowCache` and scored in chunks.
     """
 
     def __init__(self, model: MelModel, optimizer: OptimizerSection | None = None, *,
@@ -121,7 +120,7 @@ class MelSystem(L.LightningModule):
             rows = np.arange(start, min(start + size, len(table)))
             features = self.featurize(table.gather(rows).to(self.device))
             caches.append(self.model.encode_entities(features))
-        return type(caches[0]).concat(caches)
+        return self.model.entity_cache_class.concat(caches)
 
     def validation_step(self, batch: DevBatch, batch_idx: int) -> None:
         mention_cache = self.model.encode_mentions(self.featurize(batch.mentions))
