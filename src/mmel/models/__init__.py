@@ -8,6 +8,7 @@ from mmel.core.checkpoint import read_checkpoint_header
 from mmel.core.registry import Registry
 
 MODELS = Registry("model", {
+    "dim": "mmel.models.dim:DIMModel",
     "mimic": "mmel.models.mimic:MIMICModel",
 })
 
