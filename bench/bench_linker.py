@@ -65,11 +65,11 @@ from mmel.core.paths import atomic_write_bytes, atomic_write_json, read_json
 from mmel.core.types import Dataset, KnowledgeBase, LinkResult, Mention
 from mmel.data.synthetic import generate_kb, generate_mentions, render_image
 from mmel.evaluation.protocols import rank_full_kb
+from mmel.experiments.ranking import ModelScorer
 from mmel.features.store import encode_items
 from mmel.models import load_model
 from mmel.retrieval.index_build import IndexBuildConfig, ModelSpec, build_index, load_checked_backbone
 from mmel.retrieval.linker import LINK_BATCH_SIZE, Linker, MentionQuery
-from mmel.retrieval.ranking import ModelScorer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "mimic-wikimel-minilm_effnet"
 TOP_K = 10                   # entities a link returns (names fetched from SQLite)

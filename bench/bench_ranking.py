@@ -7,8 +7,8 @@ Variants, all on the same mentions in one run (issue 4, section 3):
   included (models.md §1.9, step 2);
 - `exhaustive`: `ModelScorer`, the entity side encoded once per KB (reported apart, as a one-off
   cost) and only the mention-entity interaction per block;
-- `two-stage K`: dense retrieval on the global text vectors keeps the top K, the model reranks them
-  (`rank_two_stage`), for K in --candidates;
+- `two-stage K`: the served linker (`Linker.rank_features` over an index built for the model from the
+  same features, dense first stage): FAISS keeps the top K, the model reranks them, for K in --candidates;
 - `rerank K=100, one mention per call` vs `batched`: the generic `MelModel.match_candidates` (a model
   call per mention) against MIMIC's batched one, on the same candidates.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,14 +40,16 @@ from bench_encode import median_seconds
 from bench_index import machine, unit_rows
 from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.paths import atomic_write_json
+from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
 from mmel.data import load_dataset
 from mmel.evaluation.protocols import gold_rows_for, rank_full_kb
+from mmel.experiments.evaluate import RowSubset
+from mmel.experiments.ranking import ModelScorer, NaiveModelScorer
 from mmel.features.store import open_features
 from mmel.models import load_model
 from mmel.models.base import MelModel
-from mmel.retrieval.dense import DenseScorer
-from mmel.retrieval.evaluate import RowSubset
-from mmel.retrieval.ranking import ModelScorer, NaiveModelScorer, rank_two_stage
+from mmel.retrieval.index_build import IndexBuildConfig, build_index
+from mmel.retrieval.linker import Linker
 
 EVAL_MENTION_BATCH = 20     # the published evaluation's mentions per batch (models.md §1.8)
 EVAL_ENTITY_CHUNK = 6_000   # ... and entities per chunk
@@ -150,11 +153,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record("exhaustive (entity side once per KB)", _timed(exhaustive, args.naive_repeats),
            len(exhaustive_rows))
 
-    dense = DenseScorer(entities).rows_scorer(mentions)
-    for k in args.candidates:
-        record(f"two-stage dense top {k}", _timed(lambda k=k: rank_two_stage(
-            dense, scorer.rerank, gold, num_entities, num_candidates=k, mention_batch_size=64,
-            entity_chunk_size=65_536, progress=False), args.repeats), len(rows))
+    with tempfile.TemporaryDirectory(prefix="bench-ranking-") as scratch:
+        kb = KnowledgeBase([Entity(f"Q{row}", f"entity {row}") for row in range(num_entities)])
+        build_index(Dataset(name="bench", kb=kb, splits={}, root=Path(scratch)), args.model, Path(scratch) / "index",
+                    config=IndexBuildConfig(first_stage="dense"), entity_features=entities, progress=False)
+        queries = [Mention(id=str(row), sentence="a mention", surface="mention") for row in rows]
+        with Linker.load(Path(scratch) / "index") as linker:
+            for k in args.candidates:
+                record(f"two-stage dense top {k} (served linker)", _timed(lambda k=k: linker.rank_features(
+                    queries, mentions, top_k=k, candidates_k=k), args.repeats), len(rows))
 
     _time_rerank_variants(model, scorer, rows, num_entities, args, record)
     return {"kb": kb_name, "kb_entities": num_entities, "model": str(args.model), "threads": args.threads,

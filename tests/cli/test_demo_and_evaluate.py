@@ -46,8 +46,8 @@ def test_evaluate_writes_reports_for_a_baseline(tiny_dataset_dir, tmp_path):
 def test_evaluate_ranks_with_a_trained_model_exhaustively_and_two_stage(tiny_index, tiny_dataset_dir, tmp_path,
                                                                          linker_backbone):
     from mmel.data import load_dataset
+    from mmel.experiments.evaluate import evaluate
     from mmel.features.store import build_features
-    from mmel.retrieval.evaluate import evaluate
 
     dataset = load_dataset(tiny_dataset_dir)
     features = build_features(dataset, linker_backbone, tmp_path / "store", progress=False)
@@ -67,8 +67,8 @@ def test_evaluate_refuses_a_model_without_features(tiny_index, tiny_dataset_dir)
 
 def test_evaluate_ranks_a_seeded_sample_of_the_split(tiny_index, tiny_dataset_dir, tmp_path, linker_backbone):
     from mmel.data import load_dataset
+    from mmel.experiments.evaluate import evaluate
     from mmel.features.store import build_features
-    from mmel.retrieval.evaluate import evaluate
 
     dataset = load_dataset(tiny_dataset_dir)
     features = build_features(dataset, linker_backbone, tmp_path / "store", progress=False)
@@ -83,8 +83,8 @@ def test_evaluate_refuses_features_made_with_other_preprocessing(tiny_index, tin
                                                                   linker_backbone):
     from mmel.core.errors import MismatchError
     from mmel.data import load_dataset
+    from mmel.experiments.evaluate import evaluate
     from mmel.features.store import build_features
-    from mmel.retrieval.evaluate import evaluate
 
     dataset = load_dataset(tiny_dataset_dir)
     features = build_features(dataset, linker_backbone, tmp_path / "store", max_text_length=16, progress=False)
@@ -94,8 +94,8 @@ def test_evaluate_refuses_features_made_with_other_preprocessing(tiny_index, tin
 
 def test_name_match_baseline_and_model_with_a_name_prior(tiny_index, tiny_dataset_dir, tmp_path, linker_backbone):
     from mmel.data import load_dataset
+    from mmel.experiments.evaluate import evaluate
     from mmel.features.store import build_features
-    from mmel.retrieval.evaluate import evaluate
 
     dataset = load_dataset(tiny_dataset_dir)
     features = build_features(dataset, linker_backbone, tmp_path / "store", progress=False)

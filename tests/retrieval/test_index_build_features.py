@@ -55,7 +55,8 @@ def test_index_from_a_feature_table_holds_the_models_cache_and_vectors(tmp_path,
     qids = [f"Q{row}" for row in range(ENTITIES)]
     with torch.inference_mode():
         expected = model.encode_entities(features)
-    cache = EntityCacheStore.open(tmp_path / "index" / "entity_cache", CacheLayout.for_model(model, 5, features.image_patches.shape[1]), qids)
+    layout = CacheLayout.for_model(model, 5, features.image_patches.shape[1])
+    cache = EntityCacheStore.open(tmp_path / "index" / "entity_cache", layout, qids)
     stored = cache.gather(qids[::-1])
     for item in fields(expected):
         torch.testing.assert_close(getattr(stored, item.name), getattr(expected, item.name).flip(0))

@@ -17,7 +17,8 @@ from mmel.core.paths import atomic_write_json, read_json
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
 from mmel.models.mimic import MIMICConfig, MIMICModel
 from mmel.retrieval.index_build import IndexBuildConfig, build_index, describe_index
-from mmel.retrieval.linker import Linker, MentionQuery, QueryError, link_jsonl
+from mmel.retrieval.jobs import link_jsonl
+from mmel.retrieval.linker import Linker, MentionQuery, QueryError
 from mmel.retrieval.nil import calibrate_nil, choose_simulated_nil
 
 

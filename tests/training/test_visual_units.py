@@ -26,11 +26,11 @@ from mmel.core.features import FeatureBatch, FeatureTable, InMemoryFeatureTable
 from mmel.core.types import Dataset, Mention
 from mmel.data.synthetic import TOPICS, CueMix, generate_dataset
 from mmel.evaluation import ScoreBlock, gold_rows_for, rank_full_kb
+from mmel.experiments.ranking import ModelScorer
 from mmel.features.store import build_features
 from mmel.models import load_model
 from mmel.models.base import MelModel
 from mmel.retrieval.dense import DenseScorer
-from mmel.retrieval.ranking import ModelScorer
 from mmel.training.recipe import load_recipe
 from mmel.training.run import train
 

@@ -30,7 +30,7 @@ def demo(
 ) -> None:
     """Link example mentions against the example KB with a trained MIMIC, and evaluate on the example split."""
     from mmel.data import load_dataset
-    from mmel.retrieval.evaluate import evaluate
+    from mmel.experiments.evaluate import evaluate
     from mmel.retrieval.index_build import ModelSpec, build_index, weights_fingerprint
     from mmel.retrieval.linker import Linker
 

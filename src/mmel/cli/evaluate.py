@@ -20,7 +20,10 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split to rank.")] = "test",
     features: Annotated[Path | None, typer.Option(help="Feature store (needed by dense and trained models).")] = None,
     first_stage: Annotated[str | None, typer.Option(
-        help="Two-stage ranking: dense, bm25 or hybrid picks the top K, the model reranks them.")] = None,
+        help="Two-stage ranking through the served linker: dense, bm25 or hybrid picks the top K, the model "
+             "reranks them (an index is built in a temporary directory unless --index names one).")] = None,
+    index: Annotated[Path | None, typer.Option(
+        help="With --first-stage: an existing index of this dataset's KB for the model (mmel index build).")] = None,
     candidates: Annotated[int, typer.Option(help="K for two-stage ranking.")] = 100,
     sample: Annotated[int, typer.Option(help="Rank a seeded sample of this many mentions (0 = the whole split).")
                       ] = 0,
@@ -32,14 +35,15 @@ def evaluate(
     """Evaluate a model or baseline on a dataset split (full-KB ranking; ties count against the gold)."""
     from mmel.data import load_dataset
     from mmel.evaluation.report import write_report
+    from mmel.experiments.evaluate import evaluate as run_evaluation
     from mmel.features.store import open_features
-    from mmel.retrieval.evaluate import evaluate as run_evaluation
 
     with exit_on_user_errors():
         dataset = load_dataset(data)
         feature_view = open_features(features, dataset.name) if features is not None else None
         report = run_evaluation(dataset, split, model, features=feature_view, first_stage=first_stage,
-                                num_candidates=candidates, sample=sample, seed=seed, name_prior_weight=name_prior)
+                                num_candidates=candidates, sample=sample, seed=seed, name_prior_weight=name_prior,
+                                index_dir=index)
         console.print(report.to_markdown())
         if out is not None:
             json_path, markdown_path = write_report(report, out)
@@ -64,8 +68,8 @@ def tune_name_prior(
     """Tune the weight of the surface-name match added to a model's scores, on a dev split."""
     from mmel.core.checkpoint import update_checkpoint_header
     from mmel.data import load_dataset
+    from mmel.experiments.evaluate import tune_name_prior as run_tuning
     from mmel.features.store import open_features
-    from mmel.retrieval.evaluate import tune_name_prior as run_tuning
 
     with exit_on_user_errors():
         dataset = load_dataset(data)

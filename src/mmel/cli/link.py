@@ -29,7 +29,8 @@ def link(
     as_json: Annotated[bool, typer.Option("--json", help="One mention: print the result as JSON.")] = False,
 ) -> None:
     """Link a mention (--sentence with --mention or --span) or a file of mentions (--input, --output)."""
-    from mmel.retrieval.linker import Linker, result_record
+    from mmel.retrieval.jobs import result_record
+    from mmel.retrieval.linker import Linker
 
     with exit_on_user_errors():
         if input_path is not None:
@@ -45,7 +46,8 @@ def link(
 
 def _link_file(index_dir: Path, input_path: Path, output: Path | None, images_root: Path | None, top_k: int,
                candidates_k: int, sentence: str | None) -> None:
-    from mmel.retrieval.linker import Linker, link_jsonl
+    from mmel.retrieval.jobs import link_jsonl
+    from mmel.retrieval.linker import Linker
 
     if output is None or sentence is not None:
         raise typer.BadParameter("--input needs --output, and no --sentence")

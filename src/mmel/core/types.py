@@ -46,6 +46,8 @@ class Mention:
 
     `span` is the [start, end) character span of `surface` in `sentence`, or None when the
     surface form does not occur verbatim. `image` is relative to the dataset root, or None.
+    `caption` is what an image-to-text model wrote about the image (DIM's BLIP-2 "expert cue",
+    made by `mmel enrich captions`), or None.
     """
 
     id: str
@@ -55,6 +57,7 @@ class Mention:
     image: str | None = None
     gold_qid: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    caption: str | None = None
 
     @property
     def is_nil(self) -> bool:
@@ -140,6 +143,7 @@ class Candidate:
     rank: int
     unit_scores: dict[str, float] = field(default_factory=dict)
     retrieval_score: float | None = None
+    first_stage_rank: int | None = None   # 0-based position in the first stage's shortlist
 
 
 @dataclass(frozen=True)

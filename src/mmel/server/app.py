@@ -23,7 +23,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from mmel import __version__
-from mmel.retrieval.linker import Linker, QueryError
+from mmel.retrieval.linker import Linker
+from mmel.retrieval.queries import QueryError
 from mmel.server.batching import LinkBatcher
 from mmel.server.limits import BodySizeLimitMiddleware
 from mmel.server.routers import entities, health, link

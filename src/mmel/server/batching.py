@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from fastapi.concurrency import run_in_threadpool
 
 from mmel.core.types import LinkResult
-from mmel.retrieval.linker import Linker, MentionQuery
+from mmel.retrieval.linker import Linker
+from mmel.retrieval.queries import MentionQuery
 
 
 @dataclass

@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from mmel.core.images import ImageTooLargeError, decode_image
-from mmel.retrieval.linker import MentionQuery
+from mmel.retrieval.queries import MentionQuery
 from mmel.server.deps import BatcherDep, LinkerDep, SettingsDep, await_with_timeout, require_token, run_with_timeout
 from mmel.server.schemas import (
     MAX_SENTENCE_CHARS,

@@ -1,5 +1,5 @@
-"""Model ranking: the cached scorer equals the published (naive) cost model, and two-stage ranking
-equals exhaustive ranking wherever the first stage keeps the gold entity."""
+"""Exhaustive model ranking: the cached scorer equals the published (naive) cost model, and the
+per-mention candidate path equals the matching columns of the full score matrix."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 
 from mmel.core.features import FeatureBatch, InMemoryFeatureTable
 from mmel.evaluation.protocols import rank_full_kb
+from mmel.experiments.ranking import ModelScorer, NaiveModelScorer
 from mmel.models.mimic import MIMICConfig, MIMICModel
-from mmel.retrieval.evaluate import _ranks_desc
-from mmel.retrieval.ranking import ModelScorer, NaiveModelScorer, rank_two_stage
 
 NUM_ENTITIES, NUM_MENTIONS, TEXT, IMAGE, TOKENS, PATCHES = 57, 23, 16, 12, 6, 5
 
@@ -60,35 +59,7 @@ def test_rerank_scores_each_mention_against_its_own_candidates(setting):
     candidates = np.array([[4, 0, 33], [56, 4, 1]])
     full = scorer.score_block(rows, 0, NUM_ENTITIES)
     expected = torch.stack([full[0, candidates[0]], full[1, candidates[1]]])
-    torch.testing.assert_close(scorer.rerank(rows, candidates), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("num_candidates", [1, 8, NUM_ENTITIES])
-def test_two_stage_equals_exhaustive_where_the_first_stage_keeps_the_gold(setting, num_candidates):
-    model, entities, mentions, gold = setting
-    scorer = ModelScorer(model, entities, mentions, progress=False)
-    first_scores = np.random.default_rng(5).normal(size=(NUM_MENTIONS, NUM_ENTITIES))
-    first_scores[np.arange(NUM_MENTIONS)[::2], gold[::2]] += 3.0   # half the mentions: gold retrieved on top
-
-    def first_stage(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
-        return first_scores[rows, start:stop]
-
-    exhaustive = rank_full_kb(scorer.score_block, gold, NUM_ENTITIES, progress=False).ranks()
-    first = rank_full_kb(first_stage, gold, NUM_ENTITIES, progress=False).ranks()
-    two_stage = rank_two_stage(first_stage, scorer.rerank, gold, NUM_ENTITIES, num_candidates=num_candidates,
-                               mention_batch_size=5, progress=False)
-    ranks = two_stage.ranks()
-    kept = first <= num_candidates
-    if num_candidates == NUM_ENTITIES:
-        np.testing.assert_array_equal(ranks, exhaustive)
-    # a kept gold is ranked by the model among the K candidates: never worse than exhaustively
-    assert (ranks[kept] <= exhaustive[kept]).all()
-    assert (ranks[kept] <= num_candidates).all()
-    # a missed gold keeps its first-stage rank, beyond K
-    np.testing.assert_array_equal(ranks[~kept], first[~kept])
-    assert two_stage.topk_rows.shape == (NUM_MENTIONS, num_candidates)
-
-
-def test_ranks_desc_orders_best_first_with_ties_to_the_lower_column():
-    scores = np.array([[0.1, 0.9, 0.5, 0.9]])
-    np.testing.assert_array_equal(_ranks_desc(scores), [[3, 0, 2, 1]])
+    with torch.inference_mode():
+        reranked = model.match_candidates(scorer.encoded_mentions(rows), scorer.entity_cache,
+                                          torch.as_tensor(candidates)).scores
+    torch.testing.assert_close(reranked, expected, rtol=1e-5, atol=1e-5)

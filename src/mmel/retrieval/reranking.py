@@ -1,0 +1,102 @@
+"""Reranking a first stage's shortlists with a model, the name prior and the tie rule (the one implementation).
+
+For each mention, the model scores the mention against each of its K shortlisted entities
+(`MelModel.match_candidates` over the entities' cached rows). With a name prior of weight w > 0
+(an mmel option, tuned on dev and stored in the checkpoint), each score becomes
+`score + w * name_match(surface, entity name)` and the unit scores gain `name_match`. Candidates
+are then ordered by score, ties keeping first-stage order (`order_by_score`).
+
+The served linker, `mmel evaluate --first-stage` and `mmel tune-name-prior` all go through here.
+
+Shapes: B mentions, K candidates per mention, U distinct shortlisted entities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmel.core.features import FeatureBatch
+from mmel.features.name_match import name_match
+from mmel.models.base import MelModel, RowCache
+from mmel.retrieval.first_stage import Shortlist
+
+CacheRows = Callable[[list[str]], RowCache]
+"""QIDs [U] -> the model's entity cache rows of those entities, in that order."""
+
+
+@dataclass
+class RankedCandidate:
+    """One reranked entity: final score, the model's unit scores and where the first stage had it."""
+
+    qid: str
+    score: float
+    unit_scores: dict[str, float]
+    retrieval_score: float
+    first_stage_rank: int       # 0-based position in the shortlist
+
+
+def order_by_score(scores: Sequence[float], first_stage_ranks: Sequence[int] | None = None) -> list[int]:
+    """Positions sorted by descending score, equal scores in first-stage order (the tie rule).
+
+    `first_stage_ranks` gives each position's first-stage rank; None means the positions are in first-stage order.
+    """
+    ranks = range(len(scores)) if first_stage_ranks is None else first_stage_ranks
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], ranks[i]))
+
+
+def with_name_prior(scores: Sequence[float], matches: Sequence[float], weight: float) -> list[float]:
+    """score + weight * name_match, element-wise (the prior of `mmel tune-name-prior`)."""
+    return [score + weight * match for score, match in zip(scores, matches, strict=True)]
+
+
+def model_scores(model: MelModel, features: FeatureBatch, shortlists: list[Shortlist],
+                 cache_rows: CacheRows) -> list[tuple[list[float], dict[str, list[float]]]]:
+    """The model's score and unit scores of each mention against each of its shortlisted entities.
+
+    Every distinct shortlisted entity's cache row is gathered once; shorter shortlists are padded
+    with the first row and the padding is never read.
+    """
+    distinct = list(dict.fromkeys(qid for shortlist in shortlists for qid, _ in shortlist))
+    if not distinct:
+        return [([], {}) for _ in shortlists]
+    position = {qid: index for index, qid in enumerate(distinct)}
+    width = max(len(shortlist) for shortlist in shortlists)
+    candidates = torch.zeros((len(shortlists), width), dtype=torch.long)                # [B, K]
+    for row, shortlist in enumerate(shortlists):
+        candidates[row, :len(shortlist)] = torch.tensor([position[qid] for qid, _ in shortlist], dtype=torch.long)
+    output = model.match_candidates(model.encode_mentions(features), cache_rows(distinct), candidates)
+    scored = []
+    for row, shortlist in enumerate(shortlists):
+        count = len(shortlist)
+        scored.append((output.scores[row, :count].tolist(),
+                       {name: values[row, :count].tolist() for name, values in output.unit_scores.items()}))
+    return scored
+
+
+def rerank(model: MelModel | None, features: FeatureBatch, shortlists: list[Shortlist], cache_rows: CacheRows, *,
+           surfaces: Sequence[str], names: dict[str, str], name_prior_weight: float = 0.0
+           ) -> list[list[RankedCandidate]]:
+    """Each mention's shortlist reranked (best first). `model` None keeps the first-stage scores.
+
+    `names` (QID -> entity name) must cover the shortlisted entities when `name_prior_weight` > 0.
+    """
+    if model is None:
+        scored = [([score for _, score in shortlist], {}) for shortlist in shortlists]
+    else:
+        scored = model_scores(model, features, shortlists, cache_rows)
+    ranked = []
+    for surface, shortlist, (scores, units) in zip(surfaces, shortlists, scored, strict=True):
+        if name_prior_weight > 0:
+            units = {**units, "name_match": [name_match(surface, names.get(qid, "")) for qid, _ in shortlist]}
+            scores = with_name_prior(scores, units["name_match"], name_prior_weight)
+        ranked.append([RankedCandidate(qid=shortlist[i][0], score=scores[i],
+                                       unit_scores={name: values[i] for name, values in units.items()},
+                                       retrieval_score=shortlist[i][1], first_stage_rank=i)
+                       for i in order_by_score(scores)])
+    return ranked
+
+
+__all__ = ["CacheRows", "RankedCandidate", "model_scores", "order_by_score", "rerank", "with_name_prior"]
