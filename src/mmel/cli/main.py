@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from mmel.cli import data, demo, evaluate, features, index, link, serve, train
+from mmel.cli import data, demo, enrich, evaluate, features, index, link, serve, train
 
 app = typer.Typer(name="mmel", help="Multimodal entity linking: data, features, training, evaluation, linking.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
+app.add_typer(enrich.app, name="enrich")
 app.command(name="demo")(demo.demo)
 app.command(name="evaluate")(evaluate.evaluate)
 app.command(name="tune-name-prior")(evaluate.tune_name_prior)

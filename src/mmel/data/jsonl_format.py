@@ -44,7 +44,8 @@ _DATASET_REQUIRED = ("name", "format_version", "splits")
 _ENTITY_KEYS = {"qid": str, "name": str, "attributes": str, "description": str, "images": list, "extra": dict}
 _ENTITY_REQUIRED = ("qid", "name")
 _MENTION_KEYS = {"id": str, "sentence": str, "surface": str, "span": (list, type(None)),
-                 "image": (str, type(None)), "gold_qid": (str, type(None)), "extra": dict}
+                 "image": (str, type(None)), "gold_qid": (str, type(None)), "extra": dict,
+                 "caption": (str, type(None))}
 _MENTION_REQUIRED = ("id", "sentence", "surface")
 
 Relocate = Callable[[str], str]  # maps an image path of the source dataset to its path in the output
@@ -169,7 +170,8 @@ def read_mentions_jsonl(path: Path, root: Path | None = None) -> list[Mention]:
         if image is not None:
             _check_image_path(image, root, path, line)
         mentions.append(Mention(id=record["id"], sentence=record["sentence"], surface=record["surface"], span=span,
-                                image=image, gold_qid=record.get("gold_qid"), extra=record.get("extra", {})))
+                                image=image, gold_qid=record.get("gold_qid"), extra=record.get("extra", {}),
+                                caption=record.get("caption")))
     return mentions
 
 
@@ -286,10 +288,14 @@ def _entity_to_record(entity: Entity, relocate: Relocate) -> dict[str, Any]:
 
 
 def _mention_to_record(mention: Mention, relocate: Relocate) -> dict[str, Any]:
-    return {"id": mention.id, "sentence": mention.sentence, "surface": mention.surface,
+    """`caption` is written only when set, so datasets without captions stay readable by older mmel."""
+    record = {"id": mention.id, "sentence": mention.sentence, "surface": mention.surface,
             "span": None if mention.span is None else list(mention.span),
             "image": None if mention.image is None else relocate(mention.image),
             "gold_qid": mention.gold_qid, "extra": _json_safe(mention.extra, f"mention {mention.id!r}")}
+    if mention.caption is not None:
+        record["caption"] = mention.caption
+    return record
 
 
 def _json_safe(extra: dict[str, Any], owner: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Errors are problems that make numbers wrong or ambiguous (a gold QID missing from the KB, the same
 QID on two KB rows, the same mention id twice in a split, an image path that leaves the data root).
 Everything else is counted as information: NIL mentions, surfaces not found in their sentence,
-missing or unusable images (the normal case for these benchmarks), entities without text.
+missing or unusable images (the normal case for these benchmarks), entities without text, entities
+with a description and mentions with a caption, and the steps of `enrichment.json` (`mmel enrich`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mmel.core.errors import PathEscapeError
+from mmel.core.errors import DataError, PathEscapeError
 from mmel.core.images import ImageReport, load_image
-from mmel.core.paths import resolve_in_root
+from mmel.core.paths import read_json, resolve_in_root
 from mmel.core.types import Dataset, Mention, locate_span
 
 _EXAMPLES_PER_KIND = 5
 _ESCAPES = "escapes the data root"
+ENRICHMENT_FILE = "enrichment.json"  # provenance written by `mmel enrich` beside the data
 
 
 @dataclass
@@ -40,6 +42,9 @@ class ValidationReport:
     duplicate_qids: list[str] = field(default_factory=list)
     entities_without_text: int = 0
     entities_with_images: int = 0
+    entities_with_description: int = 0
+    mentions_with_caption: dict[str, int] = field(default_factory=dict)
+    enrichment: list[str] = field(default_factory=list)
     images_decoded: bool = True
     mention_images: ImageReport = field(default_factory=ImageReport)
     entity_images: ImageReport = field(default_factory=ImageReport)
@@ -71,6 +76,8 @@ class ValidationReport:
             "gold_missing_from_kb": self.gold_missing_from_kb, "duplicate_mention_ids": self.duplicate_mention_ids,
             "mentions_with_image": self.mentions_with_image, "duplicate_qids": self.duplicate_qids,
             "entities_without_text": self.entities_without_text, "entities_with_images": self.entities_with_images,
+            "entities_with_description": self.entities_with_description,
+            "mentions_with_caption": self.mentions_with_caption, "enrichment": self.enrichment,
             "images_decoded": self.images_decoded, "mention_images": _image_report_dict(self.mention_images),
             "entity_images": _image_report_dict(self.entity_images), "examples": self.examples,
             "errors": self.errors(),
@@ -79,13 +86,19 @@ class ValidationReport:
     def to_markdown(self) -> str:
         lines = [f"# Dataset `{self.name}`", "", f"Root: `{self.root}`", "",
                  f"Knowledge base: {self.entities:,} entities, {self.entities_with_images:,} with images, "
-                 f"{self.entities_without_text:,} without text, {len(self.duplicate_qids):,} duplicate QIDs.", "",
+                 f"{self.entities_without_text:,} without text, {self.entities_with_description:,} with a "
+                 f"description, {len(self.duplicate_qids):,} duplicate QIDs.", "",
                  "| split | mentions | NIL | surface not in sentence | gold not in KB | duplicate ids | with image |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
         for split, count in self.split_counts.items():
             values = (self.nil_mentions, self.surface_not_in_sentence, self.gold_missing_from_kb,
                       self.duplicate_mention_ids, self.mentions_with_image)
             lines.append(f"| {split} | {count:,} | " + " | ".join(f"{v.get(split, 0):,}" for v in values) + " |")
+        if any(self.mentions_with_caption.values()):
+            lines += ["", "Mentions with a caption: " + ", ".join(
+                f"{split} {count:,}" for split, count in self.mentions_with_caption.items()) + "."]
+        if self.enrichment:
+            lines += ["", f"Enrichment ({ENRICHMENT_FILE}):"] + [f"- {step}" for step in self.enrichment]
         check = "decoded" if self.images_decoded else "checked for existence only"
         lines += ["", f"Images ({check}): mentions: {self.mention_images.summary()}; "
                       f"entities: {self.entity_images.summary()}."]
@@ -112,6 +125,7 @@ def validate_dataset(dataset: Dataset, *, decode_images: bool = True) -> Validat
     entity_images = {image for entity in dataset.kb for image in entity.images}
     _check_images(dataset, sorted(mention_images), report.mention_images, decode_images, "mention images")
     _check_images(dataset, sorted(entity_images), report.entity_images, decode_images, "entity images")
+    report.enrichment = _enrichment_steps(dataset)
     return report
 
 
@@ -122,12 +136,15 @@ def _check_entities(dataset: Dataset, report: ValidationReport) -> None:
             report.add_example("entity without text", entity.qid)
         if entity.images:
             report.entities_with_images += 1
+        if entity.description.strip():
+            report.entities_with_description += 1
 
 
 def _check_split(dataset: Dataset, split: str, mentions: list[Mention], report: ValidationReport) -> None:
     report.split_counts[split] = len(mentions)
     report.nil_mentions[split] = sum(mention.is_nil for mention in mentions)
     report.mentions_with_image[split] = sum(mention.image is not None for mention in mentions)
+    report.mentions_with_caption[split] = sum(mention.caption is not None for mention in mentions)
     not_found = [m for m in mentions if locate_span(m.sentence, m.surface) is None]
     report.surface_not_in_sentence[split] = len(not_found)
     for mention in not_found:
@@ -157,6 +174,25 @@ def _check_images(dataset: Dataset, relatives: Iterable[str], image_report: Imag
             image_report.add_problem(_ESCAPES, relative)
 
 
+def _enrichment_steps(dataset: Dataset) -> list[str]:
+    """One line per step of the dataset's `enrichment.json`; an unreadable file is reported, not raised."""
+    path = dataset.root / ENRICHMENT_FILE
+    if not path.is_file():
+        return []
+    try:
+        steps = read_json(path)["steps"]
+        return [f"{step['step']} by {step['model']} on {step.get('date', '?')}: {_step_counts(step)}"
+                for step in steps]
+    except (DataError, KeyError, TypeError) as error:
+        return [f"unreadable: {error}"]
+
+
+def _step_counts(step: dict[str, Any]) -> str:
+    counts = step.get("counts", {})
+    return (f"{counts.get('answered', 0):,} answered, {counts.get('cached', 0):,} from cache, "
+            f"{counts.get('failed', 0):,} failed")
+
+
 def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -165,4 +201,4 @@ def _image_report_dict(report: ImageReport) -> dict[str, Any]:
     return {"usable": report.loaded, "problems": dict(report.problems), "examples": report.examples}
 
 
-__all__ = ["ValidationReport", "validate_dataset"]
+__all__ = ["ENRICHMENT_FILE", "ValidationReport", "validate_dataset"]
