@@ -9,6 +9,7 @@ from mmel.core.registry import Registry
 
 MODELS = Registry("model", {
     "dim": "mmel.models.dim:DIMModel",
+    "m3el": "mmel.models.m3el:M3ELModel",
     "mimic": "mmel.models.mimic:MIMICModel",
 })
 
