@@ -215,7 +215,7 @@ def test_a_later_build_for_fewer_splits_keeps_the_others(tiny_clip, dataset, tmp
 def test_bad_options_are_refused(tiny_clip, dataset, tmp_path):
     with pytest.raises(ValueError, match="storage dtype"):
         _build(dataset, tiny_clip, tmp_path / "store", dtype="int8")
-    with pytest.raises(KeyError, match="available: m3el, mimic"):
+    with pytest.raises(KeyError, match="available: dim, m3el, mimic, name_only"):
         _build(dataset, tiny_clip, tmp_path / "store", template="nope")
     with pytest.raises(IndexError, match="out of range"):
         _build(dataset, tiny_clip, tmp_path / "store").entities.gather([24])
@@ -242,3 +242,44 @@ def test_prune_drops_a_view_and_only_the_shards_no_other_view_lists(tiny_clip, d
     assert prune_store(store).shards_removed == []
     with pytest.raises(DataError, match="no such views"):
         prune_store(store, drop_views=["toy/nope"])
+
+
+def _with_captions(dataset: Dataset) -> Dataset:
+    """Every third mention gets a caption; the others have none (absent, not empty)."""
+    splits = {name: [dataclasses.replace(m, caption=f"a person holding sign {i}" if i % 3 == 0 else None)
+                     for i, m in enumerate(mentions)] for name, mentions in dataset.splits.items()}
+    return dataclasses.replace(dataset, splits=splits)
+
+
+def test_further_views_are_stored_pooled_with_presence_and_equal_on_the_fly_encoding(tiny_clip, dataset, tmp_path):
+    captioned = _with_captions(dataset)
+    features = _build(captioned, tiny_clip, tmp_path / "store", extra_views=("mention", "caption", "desc"))
+    assert features.extra_views == ["caption", "desc", "mention"]
+    train = features.mentions["train"].gather(range(8))
+    assert set(train.views) == {"caption", "mention"}          # entity views stay on the entity side
+    assert train.views["caption"].present.tolist() == [i % 3 == 0 for i in range(8)]
+    assert not train.views["caption"].global_[~train.views["caption"].present].any()   # absent rows are zero
+    assert train.views["mention"].present.all()
+    entities = features.entities.gather(range(24))
+    assert set(entities.views) == {"desc"}
+    mentions = captioned.split("train")
+    with torch.inference_mode():
+        on_the_fly = encode_items(tiny_clip, [get_template("mimic").mention_text(m) for m in mentions],
+                                  [None] * len(mentions), max_text_length=40,
+                                  extra_texts={"mention": [m.surface for m in mentions],
+                                               "caption": [m.caption for m in mentions]})
+    for name in ("mention", "caption"):
+        torch.testing.assert_close(train.views[name].global_, on_the_fly.views[name].global_, atol=1e-5, rtol=1e-4)
+        assert train.views[name].present.tolist() == on_the_fly.views[name].present.tolist()
+
+
+def test_a_rebuild_keeps_further_views_and_a_changed_caption_is_detected(tiny_clip, dataset, tmp_path):
+    captioned = _with_captions(dataset)
+    _build(captioned, tiny_clip, tmp_path / "store", extra_views=("caption",))
+    again = _build(captioned, tiny_clip, tmp_path / "store")
+    assert again.extra_views == ["caption"] and again.report.texts_encoded == 0
+    again.check_dataset(captioned)
+    changed = dataclasses.replace(captioned, splits={**captioned.splits, "train": [
+        dataclasses.replace(captioned.split("train")[0], caption="another caption"), *captioned.split("train")[1:]]})
+    with pytest.raises(MismatchError, match="different items"):
+        again.check_dataset(changed)

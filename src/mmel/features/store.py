@@ -16,6 +16,8 @@ strings whose rendering changed; changing a picture re-encodes only that picture
         <table>.text_refs.npy             [N, 2] (shard, row) of each item's text entry
         <table>.image_refs.npy            [N, 2] (shard, row), or (-1, -1) for an item with no image
         <table>.text_global.npy           [N, Dt] text vectors in item order, for dense retrieval
+        <table>.view-<name>.global.npy    [N, Dt] a further named text view (pooled; zero where absent)
+        <table>.view-<name>.present.npy   [N] bool, False where the item has no such text (no caption...)
 
 Shards are written atomically (a temporary directory renamed into place), so an interrupted
 build leaves only whole shards and a re-run skips their keys. All arrays are `.npy` files opened
@@ -23,6 +25,9 @@ with `mmap_mode="r"`: a store for a million entities need not fit in RAM. Items 
 are stored as references to the single blank-image entry, never as copies of it. Tables are
 `entities` (KB row order) and `mentions-<split>` (file order); entities use their first image
 (models.md §1.1: the image used for KB encoding and evaluation).
+
+Further named text views (`extra_views`, e.g. DIM's `mention` and `caption`) go through the same
+text cache; a build keeps the further views and the splits a view already held.
 
 One writer per store at a time; readers may open views while a build runs elsewhere.
 """
@@ -48,11 +53,11 @@ from tqdm.auto import tqdm
 
 from mmel.backbones.base import Backbone, ImageFeatures, TextFeatures
 from mmel.core.errors import DataError, MismatchError
-from mmel.core.features import FeatureBatch
+from mmel.core.features import FeatureBatch, PooledView
 from mmel.core.images import ImageReport, decode_image_bytes, read_image_bytes
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset
-from mmel.features.templates import TextTemplate, get_template
+from mmel.features.templates import TextTemplate, get_template, text_view
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +174,12 @@ def resolve_image_batch_size(backbone: Backbone, requested: int | None, batch_si
 
 
 def encode_items(backbone: Backbone, texts: Sequence[str], images: Sequence[Image.Image | None], *,
-                 max_text_length: int = 40, batch_size: int = 64, image_batch_size: int | None = None) -> FeatureBatch:
+                 max_text_length: int = 40, batch_size: int = 64, image_batch_size: int | None = None,
+                 extra_texts: dict[str, Sequence[str | None]] | None = None) -> FeatureBatch:
     """Encode items on the fly (fine-tuning path): the same calls the store makes, without the cache.
 
     `images[i] is None` means no image: that row gets the blank-image features and has_image False.
+    `extra_texts` maps a further view's name to each item's text in it (None: absent), pooled.
     """
     if len(texts) != len(images):
         raise ValueError(f"encode_items needs one image (or None) per text: {len(texts)} texts, {len(images)} images")
@@ -190,11 +197,25 @@ def encode_items(backbone: Backbone, texts: Sequence[str], images: Sequence[Imag
         rows = has_image.nonzero().squeeze(1).to(image_global.device)
         image_global[rows] = torch.cat([p.global_ for p in parts])
         image_patches[rows] = torch.cat([p.patches for p in parts])
-    return FeatureBatch(text_global=torch.cat([p.global_ for p in text_parts]),
-                        text_tokens=torch.cat([p.tokens for p in text_parts]),
+    text_global = torch.cat([p.global_ for p in text_parts])                             # [B, Dt]
+    views = {name: _encode_pooled_view(backbone, view_texts, text_global, max_text_length, batch_size)
+             for name, view_texts in (extra_texts or {}).items()}
+    return FeatureBatch(text_global=text_global, text_tokens=torch.cat([p.tokens for p in text_parts]),
                         text_mask=torch.cat([p.mask for p in text_parts]),
                         image_global=image_global, image_patches=image_patches,
-                        has_image=has_image.to(image_global.device))
+                        has_image=has_image.to(image_global.device), views=views)
+
+
+def _encode_pooled_view(backbone: Backbone, texts: Sequence[str | None], like: torch.Tensor, max_text_length: int,
+                        batch_size: int) -> PooledView:
+    """Pooled vectors [B, Dt] of the present texts, zero rows where a text is None."""
+    present = torch.tensor([text is not None for text in texts], dtype=torch.bool)
+    vectors = torch.zeros_like(like)
+    given = [text for text in texts if text is not None]
+    if given:
+        encoded = torch.cat([p.global_ for p in encode_text_batches(backbone, given, max_text_length, batch_size)])
+        vectors[present.nonzero().squeeze(1).to(vectors.device)] = encoded.to(vectors.dtype)
+    return PooledView(global_=vectors, present=present.to(vectors.device))
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -203,8 +224,12 @@ class StoredFeatureTable:
     """A FeatureTable over one view table: references into memory-mapped shards."""
 
     def __init__(self, name: str, view_dir: Path, text_cache: ShardCache, image_cache: ShardCache,
-                 text_shards: list[str], image_shards: list[str], blank: dict[str, np.ndarray]):
+                 text_shards: list[str], image_shards: list[str], blank: dict[str, np.ndarray],
+                 extra_views: Sequence[str] = ()):
         self.name = name
+        self._extra = {view: (np.load(view_dir / f"{name}.view-{view}.global.npy", mmap_mode="r"),     # [N, Dt]
+                              np.load(view_dir / f"{name}.view-{view}.present.npy", mmap_mode="r"))    # [N]
+                       for view in extra_views}
         self.text_refs = np.load(view_dir / f"{name}.text_refs.npy", mmap_mode="r")    # [N, 2]
         self.image_refs = np.load(view_dir / f"{name}.image_refs.npy", mmap_mode="r")  # [N, 2]
         self._text_global = np.load(view_dir / f"{name}.text_global.npy", mmap_mode="r")  # [N, Dt]
@@ -248,7 +273,15 @@ class StoredFeatureTable:
             text_global=torch.from_numpy(np.asarray(self._text_global[index], dtype=np.float32)),
             text_tokens=torch.from_numpy(tokens), text_mask=torch.from_numpy(mask),
             image_global=torch.from_numpy(image_global), image_patches=torch.from_numpy(image_patches),
-            has_image=torch.from_numpy(image_refs[:, 0] >= 0))
+            has_image=torch.from_numpy(image_refs[:, 0] >= 0),
+            views={view: PooledView(torch.from_numpy(np.asarray(vectors[index], dtype=np.float32)),
+                                    torch.from_numpy(np.asarray(present[index], dtype=bool)))
+                   for view, (vectors, present) in self._extra.items()})
+
+    @property
+    def extra_views(self) -> list[str]:
+        """The further named text views this table holds."""
+        return list(self._extra)
 
 
 @dataclass
@@ -323,10 +356,18 @@ class DatasetFeatures:
     def check_dataset(self, dataset: Dataset) -> None:
         """Raise MismatchError unless `dataset` has the items (texts, image paths, order) these features describe."""
         expected = self.manifest["tables"]
+        extras = _extra_view_tables(dataset, self.extra_views, list(self.mentions))
         for table, items in _dataset_tables(dataset, self.template, list(self.mentions)).items():
-            if _table_checksum(items) != expected[table]["checksum"]:
+            checksums = {view: _texts_checksum(texts) for view, texts in extras[table].items()}
+            if (_table_checksum(items) != expected[table]["checksum"]
+                    or checksums != expected[table].get("extra_checksums", {})):
                 raise MismatchError(f"{self.view_dir}: table {table!r} was built from different items than dataset "
                                     f"{dataset.name!r} has now; rebuild with `mmel features build`")
+
+    @property
+    def extra_views(self) -> list[str]:
+        """The further named text views of this view (e.g. DIM's `mention`, `caption`)."""
+        return list(self.manifest.get("extra_views", []))
 
 
 # --- building -------------------------------------------------------------------------------------
@@ -344,8 +385,11 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
                    entity_field: str | None = None, max_text_length: int = 40, dtype: str = "float16",
                    batch_size: int = 64, image_batch_size: int | None = None, num_threads: int | None = None,
                    splits: Sequence[str] | None = None, shard_size: int = 2048, progress: bool = True,
-                   on_shard: ShardCallback | None = None) -> DatasetFeatures:
+                   on_shard: ShardCallback | None = None, extra_views: Sequence[str] = ()) -> DatasetFeatures:
     """Encode what the store lacks for `dataset`, write its view, and open it.
+
+    `extra_views` names further text views (`mmel.features.templates.TEXT_VIEWS`) to store as pooled
+    vectors, for the tables of their side; views the existing view already holds are kept.
 
     `on_shard(kind, entries)` is called after each shard ("text" or "image") is safely on disk.
     `image_batch_size=None` picks one image per call on CPU and `batch_size` on an accelerator.
@@ -358,17 +402,19 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
     view_dir = Path(store_dir) / "views" / dataset.name / view_id
     split_names = list(dataset.splits) if splits is None else list(splits)
     split_names += [name for name in _splits_in_view(view_dir) if name in dataset.splits and name not in split_names]
+    view_names = sorted({text_view(name).name for name in extra_views} | set(_extra_views_in_view(view_dir)))
     if len(dataset.kb) == 0:
         raise DataError(f"dataset {dataset.name!r} has an empty knowledge base: nothing to encode", path=dataset.root)
     tables = _dataset_tables(dataset, text_template, split_names)
+    extras = _extra_view_tables(dataset, view_names, split_names)
     namespace = Path(store_dir) / "cache" / backbone.fingerprint / dtype
     _write_backbone_info(namespace, backbone)
     storage = STORAGE_DTYPES[dtype]
     image_report = ImageReport()
     with _torch_threads(num_threads), torch.inference_mode():
         text_cache, text_keys, text_stats = _fill_text_cache(
-            namespace / f"text-L{max_text_length}", tables, backbone, max_text_length, storage, batch_size,
-            shard_size, progress, on_shard)
+            namespace / f"text-L{max_text_length}", _all_texts(tables, extras), backbone, max_text_length, storage,
+            batch_size, shard_size, progress, on_shard)
         image_cache, image_keys, image_stats = _fill_image_cache(
             namespace, tables, dataset.root, backbone, storage, image_batch_size,
             max(1, shard_size // IMAGES_PER_TEXT_SHARD), image_report, progress, on_shard)
@@ -376,15 +422,16 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
     manifest = {
         "format_version": FORMAT_VERSION, "dataset": dataset.name, "view_id": view_id,
         "backbone": _backbone_info(backbone), "template": text_template.to_dict(),
-        "max_text_length": max_text_length, "dtype": dtype,
+        "max_text_length": max_text_length, "dtype": dtype, "extra_views": view_names,
         "cache": str(namespace.relative_to(Path(store_dir))),
         "text_shards": text_cache.shard_names, "image_shards": image_cache.shard_names,
         "image_problems": dict(image_report.problems), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tables": {name: {"rows": len(items), "checksum": _table_checksum(items),
-                          "with_image": sum(image_keys.get(item.image) is not None for item in items)}
+                          "with_image": sum(image_keys.get(item.image) is not None for item in items),
+                          "extra_checksums": {view: _texts_checksum(texts) for view, texts in extras[name].items()}}
                    for name, items in tables.items()},
     }
-    _write_view(view_dir, manifest, tables, text_cache, text_keys, image_cache, image_keys)
+    _write_view(view_dir, manifest, tables, extras, text_cache, text_keys, image_cache, image_keys)
     features = _open_view(Path(store_dir), view_dir, text_cache=text_cache, image_cache=image_cache, blank=blank)
     features.report = BuildReport(
         dataset=dataset.name, view_id=view_id, rows={name: len(items) for name, items in tables.items()},
@@ -403,6 +450,35 @@ def _splits_in_view(view_dir: Path) -> list[str]:
         return []
     tables = read_json(manifest_path).get("tables", {})
     return [name.removeprefix("mentions-") for name in tables if name != ENTITY_TABLE]
+
+
+def _extra_views_in_view(view_dir: Path) -> list[str]:
+    manifest_path = view_dir / MANIFEST_FILE
+    return list(read_json(manifest_path).get("extra_views", [])) if manifest_path.is_file() else []
+
+
+def _extra_view_tables(dataset: Dataset, view_names: Sequence[str],
+                       splits: Sequence[str]) -> dict[str, dict[str, list[str | None]]]:
+    """table -> further view -> each item's text in it (None where absent), for the views of the table's side."""
+    views = [text_view(name) for name in view_names]
+    tables = {ENTITY_TABLE: {v.name: [v.render(e) for e in dataset.kb] for v in views if v.side == "entity"}}
+    for split in splits:
+        mentions = dataset.split(split)
+        tables[f"mentions-{split}"] = {v.name: [v.render(m) for m in mentions] for v in views if v.side == "mention"}
+    return tables
+
+
+def _all_texts(tables: dict[str, list[_Item]], extras: dict[str, dict[str, list[str | None]]]) -> list[str]:
+    """Every text the view needs encoded: primary texts, then the present texts of further views."""
+    texts = [item.text for items in tables.values() for item in items]
+    return texts + [text for views in extras.values() for column in views.values() for text in column if text]
+
+
+def _texts_checksum(texts: Sequence[str | None]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(b"\x02" if text is None else text.encode("utf-8") + b"\x01")
+    return digest.hexdigest()
 
 
 def _check_build_options(dataset_name: str, dtype: str, batch_size: int, image_batch_size: int, shard_size: int,
@@ -431,11 +507,11 @@ def _table_checksum(items: Sequence[_Item]) -> str:
     return digest.hexdigest()
 
 
-def _fill_text_cache(directory: Path, tables: dict[str, list[_Item]], backbone: Backbone, max_text_length: int,
+def _fill_text_cache(directory: Path, all_texts: Sequence[str], backbone: Backbone, max_text_length: int,
                      storage: type, batch_size: int, shard_size: int, progress: bool,
                      on_shard: ShardCallback | None) -> tuple[ShardCache, dict[str, str], tuple[int, int, float]]:
     """Encode every distinct text the cache lacks; return the cache, text -> key, (unique, encoded, seconds)."""
-    keys = {item.text: "" for items in tables.values() for item in items}
+    keys = dict.fromkeys(all_texts, "")
     for text in keys:
         keys[text] = content_key(text.encode("utf-8"))
     cache = ShardCache(directory, TEXT_FIELDS)
@@ -569,21 +645,39 @@ def _write_backbone_info(namespace: Path, backbone: Backbone) -> None:
         atomic_write_json(path, _backbone_info(backbone))
 
 
-def _write_view(view_dir: Path, manifest: dict[str, Any], tables: dict[str, list[_Item]], text_cache: ShardCache,
-                text_keys: dict[str, str], image_cache: ShardCache, image_keys: dict[str | None, str | None]) -> None:
+def _write_view(view_dir: Path, manifest: dict[str, Any], tables: dict[str, list[_Item]],
+                extras: dict[str, dict[str, list[str | None]]], text_cache: ShardCache, text_keys: dict[str, str],
+                image_cache: ShardCache, image_keys: dict[str | None, str | None]) -> None:
     with atomic_directory(view_dir) as tmp:
         for name, items in tables.items():
-            text_refs = text_cache.lookup([text_keys[item.text] for item in items])         # [N, 2]
-            if (text_refs[:, 0] < 0).any():
-                raise MismatchError(f"{text_cache.directory}: text entries vanished during the build; rebuild")
+            text_refs = _text_refs(text_cache, [text_keys[item.text] for item in items])      # [N, 2]
             image_refs = image_cache.lookup([image_keys.get(item.image) or "" for item in items])  # [N, 2]
-            first = text_cache.arrays(text_cache.shard_names[0])["global"]
-            text_global = np.empty((len(items), first.shape[1]), dtype=first.dtype)        # [N, Dt]
-            text_cache.gather(text_cache.shard_names, text_refs, "global", text_global)
             np.save(tmp / f"{name}.text_refs.npy", text_refs)
             np.save(tmp / f"{name}.image_refs.npy", image_refs)
-            np.save(tmp / f"{name}.text_global.npy", text_global)
+            np.save(tmp / f"{name}.text_global.npy", _gather_globals(text_cache, text_refs))
+            for view, texts in extras[name].items():
+                present = np.array([text is not None for text in texts], dtype=bool)         # [N]
+                vectors = _gather_globals(text_cache, np.full((len(texts), 2), -1, dtype=np.int32))
+                refs = _text_refs(text_cache, [text_keys[text] for text in texts if text is not None])
+                vectors[present] = _gather_globals(text_cache, refs)
+                np.save(tmp / f"{name}.view-{view}.global.npy", vectors)
+                np.save(tmp / f"{name}.view-{view}.present.npy", present)
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
+
+
+def _text_refs(text_cache: ShardCache, keys: list[str]) -> np.ndarray:
+    refs = text_cache.lookup(keys)                                                         # [N, 2]
+    if (refs[:, 0] < 0).any():
+        raise MismatchError(f"{text_cache.directory}: text entries vanished during the build; rebuild")
+    return refs
+
+
+def _gather_globals(text_cache: ShardCache, refs: np.ndarray) -> np.ndarray:
+    """[N, Dt] global vectors at `refs` in the storage dtype; zero rows where a ref is (-1, -1)."""
+    first = text_cache.arrays(text_cache.shard_names[0])["global"]
+    vectors = np.zeros((len(refs), first.shape[1]), dtype=first.dtype)
+    text_cache.gather(text_cache.shard_names, refs, "global", vectors)
+    return vectors
 
 
 @contextlib.contextmanager
@@ -644,7 +738,8 @@ def _open_view(store_dir: Path, view_dir: Path, *, text_cache: ShardCache | None
             raise DataError("blank-image features are missing; rebuild the features", path=blank_dir)
         blank = {name: np.load(blank_dir / f"{name}.npy") for name in IMAGE_FIELDS}
     tables = {name: StoredFeatureTable(name, view_dir, text_cache, image_cache, manifest["text_shards"],
-                                       manifest["image_shards"], blank)
+                                       manifest["image_shards"], blank,
+                                       list(manifest["tables"][name].get("extra_checksums", {})))
               for name in manifest["tables"]}
     mentions = {name.removeprefix("mentions-"): table for name, table in tables.items() if name != ENTITY_TABLE}
     return DatasetFeatures(view_dir=view_dir, manifest=manifest, entities=tables[ENTITY_TABLE], mentions=mentions)

@@ -6,12 +6,20 @@ text: CLIP's BPE splits it like any other text, MiniLM's tokenizer maps it to it
 The template's name, its entity text field and the max text length are part of every feature
 store key, and each rendered string is keyed by its content, so a template change re-encodes
 exactly the strings that changed.
+
+Named text views (`TEXT_VIEWS`) are the vocabulary models declare what they read with
+(`mmel.core.features.FeatureViews`): a template is the pair of primary views (mention side,
+entity side), and a model may ask for further views, stored as pooled vectors. A view renders
+None where the item has no such text (a mention without a caption): such an item is marked
+absent, never encoded as an empty string.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from mmel.core.features import FeatureViews
 from mmel.core.registry import UnknownNameError
 from mmel.core.types import Entity, Mention
 
@@ -56,7 +64,62 @@ TEMPLATES: dict[str, TextTemplate] = {
     "mimic": TextTemplate("mimic", "{surface} [SEP] {sentence}", "{name} [SEP] {text}", "attributes"),
     "m3el": TextTemplate("m3el", "{surface} [SEP] {sentence}", "{name} [SEP] {text}", "description"),
     "name_only": TextTemplate("name_only", "{surface}", "{name}", "attributes"),
+    "dim": TextTemplate("dim", "{surface} [SEP] {sentence}", "{text}", "description"),
 }
+
+
+@dataclass(frozen=True)
+class TextView:
+    """A named way to render one side's text; `render` returns None when the item has no such text."""
+
+    name: str
+    side: str                                           # 'mention' or 'entity'
+    render: Callable[[Mention | Entity], str | None]
+
+
+def _or_none(text: str | None) -> str | None:
+    return text if text and text.strip() else None
+
+
+TEXT_VIEWS: dict[str, TextView] = {view.name: view for view in (
+    TextView("mention", "mention", lambda m: m.surface),
+    TextView("mention_sentence", "mention", lambda m: f"{m.surface} [SEP] {m.sentence}"),
+    TextView("caption", "mention", lambda m: _or_none(m.caption)),
+    TextView("name", "entity", lambda e: e.name),
+    TextView("name_attr", "entity", lambda e: f"{e.name} [SEP] {e.text('attributes')}"),
+    TextView("name_desc", "entity", lambda e: f"{e.name} [SEP] {e.text('description')}"),
+    TextView("desc", "entity", lambda e: _or_none(e.text("description"))),
+)}
+
+# The named template of each pair of primary views (mention view, entity view).
+_PRIMARY_TEMPLATES = {("mention_sentence", "name_attr"): "mimic", ("mention_sentence", "name_desc"): "m3el",
+                      ("mention", "name"): "name_only", ("mention_sentence", "desc"): "dim"}
+
+
+def text_view(name: str, side: str | None = None) -> TextView:
+    """The named view (of `side`, when given); a clear error lists the available ones."""
+    view = TEXT_VIEWS.get(name)
+    if view is None or (side is not None and view.side != side):
+        names = sorted(v.name for v in TEXT_VIEWS.values() if side is None or v.side == side)
+        raise UnknownNameError(f"unknown {side or ''} text view {name!r}; available: {', '.join(names)}")
+    return view
+
+
+def template_for_views(views: FeatureViews) -> TextTemplate:
+    """The template that renders `views`' two primary views."""
+    text_view(views.mention, "mention")
+    text_view(views.entity, "entity")
+    name = _PRIMARY_TEMPLATES.get((views.mention, views.entity))
+    if name is None:
+        pairs = ", ".join(f"{m}+{e}" for m, e in _PRIMARY_TEMPLATES)
+        raise UnknownNameError(f"no template for primary views {views.mention}+{views.entity}; available: {pairs}")
+    return TEMPLATES[name]
+
+
+def extra_view_texts(views: FeatureViews, side: str, items: list) -> dict[str, list[str | None]]:
+    """view name -> rendered text (or None) of each of `items`, for the further views of `side`."""
+    names = views.mention_extra if side == "mention" else views.entity_extra
+    return {name: [text_view(name, side).render(item) for item in items] for name in names}
 
 
 def get_template(name: str, entity_field: str | None = None) -> TextTemplate:
@@ -68,4 +131,5 @@ def get_template(name: str, entity_field: str | None = None) -> TextTemplate:
     return template if entity_field is None else template.with_entity_field(entity_field)
 
 
-__all__ = ["ENTITY_TEXT_FIELDS", "TEMPLATES", "TextTemplate", "get_template"]
+__all__ = ["ENTITY_TEXT_FIELDS", "TEMPLATES", "TEXT_VIEWS", "TextTemplate", "TextView", "extra_view_texts",
+           "get_template", "template_for_views", "text_view"]
