@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mmel.cli import data, demo, enrich, evaluate, features, index, link, serve, train
+from mmel.cli import data, demo, enrich, evaluate, features, index, link, models, serve, train
 
 app = typer.Typer(name="mmel", help="Multimodal entity linking: data, features, training, evaluation, linking.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -16,5 +16,6 @@ app.command(name="evaluate")(evaluate.evaluate)
 app.command(name="tune-name-prior")(evaluate.tune_name_prior)
 app.add_typer(index.app, name="index")
 app.command(name="link")(link.link)
+app.add_typer(models.app, name="models")
 app.command(name="serve")(serve.serve)
 app.command(name="train")(train.train)
