@@ -32,7 +32,7 @@ def test_entity_field_option_and_fallback():
 
 
 def test_unknown_template_and_field_are_refused():
-    with pytest.raises(UnknownNameError, match="available: m3el, mimic, name_only"):
+    with pytest.raises(UnknownNameError, match="available: dim, m3el, mimic, name_only"):
         get_template("blink")
     with pytest.raises(ValueError, match="unknown entity text field"):
         get_template("mimic", entity_field="abstract")

@@ -14,7 +14,7 @@ from mmel.backbones import load_backbone
 from mmel.cli.errors import exit_on_user_errors
 from mmel.core.paths import atomic_write_json
 from mmel.data import load_dataset
-from mmel.features.templates import TEMPLATES
+from mmel.features.templates import TEMPLATES, TEXT_VIEWS
 
 app = typer.Typer(help="Encode datasets once into the feature store.", no_args_is_help=True)
 
@@ -40,6 +40,9 @@ def build(
     template: Annotated[str, typer.Option(help=f"Text template: {', '.join(sorted(TEMPLATES))}.")] = "mimic",
     entity_field: Annotated[str | None, typer.Option(help="Entity text field: attributes or description "
                                                           "(default: the template's).")] = None,
+    view: Annotated[list[str] | None, typer.Option(
+        help=f"A further text view to store, pooled (repeat the option): {', '.join(sorted(TEXT_VIEWS))}; "
+             "e.g. DIM reads mention and caption.")] = None,
     max_length: Annotated[int, typer.Option(min=2, help="Max text tokens (the papers use 40).")] = 40,
     dtype: Annotated[StorageDtype, typer.Option(help="Storage precision.")] = StorageDtype.float16,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per encoder call.")] = 64,
@@ -65,7 +68,7 @@ def build(
         features = build_features(
             dataset, encoder, store, template=template, entity_field=entity_field, max_text_length=max_length,
             dtype=dtype.value, batch_size=batch_size, image_batch_size=image_batch_size, num_threads=threads,
-            splits=splits.split(",") if splits else None, shard_size=shard_size)
+            splits=splits.split(",") if splits else None, shard_size=shard_size, extra_views=view or ())
     report = features.report
     typer.echo(f"view {report.view_id} of {report.dataset}: " +
                ", ".join(f"{name} {rows}" for name, rows in report.rows.items()))

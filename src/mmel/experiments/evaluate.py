@@ -355,6 +355,9 @@ def _check_features_fit(checkpoint: Path, features: DatasetFeatures) -> None:
     found = {"backbone": features.backbone_fingerprint, "template": features.template,
              "max text length": features.max_text_length}
     problems = [f"{name} {found[name]} (model: {expected[name]})" for name in expected if found[name] != expected[name]]
+    missing = sorted(set(spec.views.mention_extra + spec.views.entity_extra) - set(features.extra_views))
+    if missing:
+        problems.append(f"text views {', '.join(missing)} missing (add them with `mmel features build --view`)")
     if problems:
         raise MismatchError(f"{features.view_dir} does not fit {checkpoint}: {'; '.join(problems)}; "
                             "rebuild the features with the model's backbone and preprocessing")

@@ -39,14 +39,14 @@ from mmel.backbones.base import Backbone
 from mmel.core.checkpoint import WEIGHTS_FILE, read_checkpoint_header
 from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.errors import DataError, MismatchError
-from mmel.core.features import FeatureBatch, FeatureTable
+from mmel.core.features import FeatureBatch, FeatureTable, FeatureViews
 from mmel.core.images import ImageReport, load_image
 from mmel.core.manifest import read_manifest as read_versioned_manifest
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset, Entity, KnowledgeBase
 from mmel.features.store import build_features, encode_items
-from mmel.features.templates import TextTemplate, get_template
-from mmel.models import load_model
+from mmel.features.templates import TextTemplate, extra_view_texts, get_template, template_for_views
+from mmel.models import MODELS, load_model
 from mmel.models.base import MelModel
 from mmel.retrieval.bm25 import BM25Index
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
@@ -119,6 +119,7 @@ class ModelSpec:
     backbone_fingerprint: str | None
     template: TextTemplate
     max_text_length: int
+    views: FeatureViews = field(default_factory=FeatureViews)   # the text views the model reads (its class says)
     image_tokens: int = 49           # P: image tokens per item of the backbone's features (config.json "backbone")
     name_prior_weight: float = 0.0   # tuned weight of the surface-name match (config.json "inference"), 0 = none
 
@@ -127,10 +128,11 @@ class ModelSpec:
         header = read_checkpoint_header(Path(checkpoint_dir))
         backbone = header.get("backbone") or {}
         preprocess = header.get("preprocess") or {}
+        template = _template_from(preprocess, source=Path(checkpoint_dir))
+        views = _model_views(header, template, source=Path(checkpoint_dir))
         return cls(model_type=header["model_type"], fingerprint=weights_fingerprint(checkpoint_dir),
                    backbone_name=backbone.get("name", "minilm_effnet"),
-                   backbone_fingerprint=backbone.get("fingerprint"),
-                   template=_template_from(preprocess, source=Path(checkpoint_dir)),
+                   backbone_fingerprint=backbone.get("fingerprint"), template=template, views=views,
                    max_text_length=int(preprocess.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)),
                    image_tokens=int(backbone.get("num_patches", 49)),
                    name_prior_weight=float((header.get("inference") or {}).get("name_prior_weight", 0.0)))
@@ -155,6 +157,17 @@ class IndexBuildReport:
         return (f"{self.directory}: {self.entities} entities ({self.with_image} with an image), first stage "
                 f"{self.first_stage} ({self.vector_index} vectors), reranker cache {self.cache_dtype}, "
                 f"{self.bytes_on_disk / 2**20:.1f} MiB, built in {self.seconds:.1f} s; {self.image_report.summary()}")
+
+
+def _model_views(header: dict[str, Any], template: TextTemplate, *, source: Path) -> FeatureViews:
+    """The views the checkpoint's model declares; its template must render their primary pair."""
+    model_class = MODELS.get(header["model_type"])
+    views = model_class(model_class.config_class.from_dict(header["config"])).feature_views()
+    expected = template_for_views(views)
+    if (template.mention_format, template.entity_format) != (expected.mention_format, expected.entity_format):
+        raise MismatchError(f"{source}: preprocess.template {template.name!r} does not render the model's views "
+                            f"({views.mention} / {views.entity}, template {expected.name!r})")
+    return views
 
 
 def weights_fingerprint(checkpoint_dir: Path) -> str:
@@ -240,7 +253,8 @@ def encode_entity_batches(backbone: Backbone, entities: Sequence[Entity], images
         chunk = entities[start:start + batch_size]
         texts = [spec.template.entity_text(entity) for entity in chunk]
         images = [load_image(images_root, entity.images[0], report) if entity.images else None for entity in chunk]
-        yield encode_items(backbone, texts, images, max_text_length=spec.max_text_length, batch_size=batch_size)
+        yield encode_items(backbone, texts, images, max_text_length=spec.max_text_length, batch_size=batch_size,
+                           extra_texts=extra_view_texts(spec.views, "entity", chunk))
 
 
 def encode_cache_and_vectors(model: MelModel, batch: FeatureBatch) -> tuple[Any, np.ndarray]:
@@ -316,7 +330,7 @@ def _stored_feature_batches(dataset: Dataset, backbone: Backbone, spec: ModelSpe
     """Entity features from the feature store (encoding only what it lacks), in KB order."""
     features = build_features(dataset, backbone, store_dir, template=spec.template.name,
                               entity_field=spec.template.entity_field, max_text_length=spec.max_text_length,
-                              splits=[], progress=progress)
+                              splits=[], progress=progress, extra_views=spec.views.entity_extra)
     if features.template != spec.template:
         raise MismatchError(f"{features.view_dir}: template {features.template} differs from the model's "
                             f"{spec.template}")

@@ -37,6 +37,7 @@ from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Candidate, Entity, LinkResult, Mention, locate_span
 from mmel.features.store import encode_items
+from mmel.features.templates import extra_view_texts
 from mmel.models import load_model
 from mmel.models.base import MelModel
 from mmel.retrieval.bm25 import BM25Index
@@ -213,9 +214,11 @@ class Linker(KBEdits):
         return results
 
     def _link_prepared(self, batch: list[PreparedQuery], top_k: int, candidates_k: int) -> list[LinkResult]:
-        features = encode_items(self.backbone, [self.spec.template.mention_text(p.mention) for p in batch],
-                                [p.image for p in batch], max_text_length=self.spec.max_text_length)
-        return self._rank_encoded([p.mention for p in batch], features, top_k, candidates_k)
+        mentions = [p.mention for p in batch]
+        features = encode_items(self.backbone, [self.spec.template.mention_text(m) for m in mentions],
+                                [p.image for p in batch], max_text_length=self.spec.max_text_length,
+                                extra_texts=extra_view_texts(self.spec.views, "mention", mentions))
+        return self._rank_encoded(mentions, features, top_k, candidates_k)
 
     def rank_features(self, mentions: Sequence[Mention], features: FeatureTable, *, top_k: int = 10,
                       candidates_k: int = 100, batch_size: int = LINK_BATCH_SIZE,
