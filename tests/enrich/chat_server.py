@@ -32,6 +32,7 @@ class ChatServer:
         self.delay_s = 0.0
         self.slow_s = 2.0
         self.retry_after = "0"
+        self.answer_words = 0  # filler words appended to each answer, to mimic a real description's length
         self.authorizations: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -95,7 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.chat.in_flight += 1
             self.chat.max_in_flight = max(self.chat.max_in_flight, self.chat.in_flight)
         try:
-            self._act(self.chat.next_action(name), name, request, prompt)
+            words = " ".join(message["content"] for message in request["messages"])
+            self._act(self.chat.next_action(name), name, request, words)
         finally:
             with self.chat.lock:
                 self.chat.in_flight -= 1
@@ -115,7 +117,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif action == "no_content":
             self._send(200, {"choices": []})
         else:
-            text = {"empty": "", "length": f"{name} is a"}.get(action, f"{name} is a test entity.")
+            filler = " lorem" * self.chat.answer_words
+            text = {"empty": "", "length": f"{name} is a"}.get(action, f"{name} is a test entity.{filler}")
             finish = "length" if action == "length" else "stop"
             self._send(200, _completion(request["model"], text, finish, prompt))
             with self.chat.lock:

@@ -80,15 +80,16 @@ def describe_dataset(dataset: Dataset, source: Path, out: Path, backend: Descrip
     row_provenance = {"model": backend.name, "endpoint": endpoint, "prompt": prompt.to_dict()}
     bar = tqdm(total=len(plan.pending), desc="describe entities", unit="entity", disable=not progress)
 
-    def record(key: str, outcome: Outcome) -> None:
-        entity = plan.pending[key]
-        tally.add(entity.qid, outcome)
-        if isinstance(outcome, Answer):
-            cache.put_many(KIND, {key: outcome.text}, {**row_provenance, "qid": entity.qid})
-            answers[key] = outcome.text
-        bar.update(1)
+    with bar, cache.writer(KIND) as writer:
 
-    with bar:
+        def record(key: str, outcome: Outcome) -> None:
+            entity = plan.pending[key]
+            tally.add(entity.qid, outcome)
+            if isinstance(outcome, Answer):
+                writer.put(key, outcome.text, {**row_provenance, "qid": entity.qid})
+                answers[key] = outcome.text
+            bar.update(1)
+
         backend.run([(key, prompt.messages(entity)) for key, entity in plan.pending.items()], record)
     kb = KnowledgeBase(_described(entity, answers.get(key), backend.name, prompt)
                        for entity, key in zip(dataset.kb, plan.keys, strict=True))
