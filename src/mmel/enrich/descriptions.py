@@ -59,7 +59,6 @@ class DescriptionRun:
 
     tally: Tally
     dataset: Dataset
-    out: Path
 
 
 def plan_descriptions(kb: KnowledgeBase, model: str, prompt: DescriptionPrompt, cache: AnswerCache) -> DescriptionPlan:
@@ -98,7 +97,7 @@ def describe_dataset(dataset: Dataset, source: Path, out: Path, backend: Descrip
             "entities": len(kb), "entities_described": sum(key in answers for key in plan.keys),
             "counts": tally.to_dict()}
     write_enriched(enriched, source, out, name=enriched.name, step=step)
-    return DescriptionRun(tally, enriched, Path(out))
+    return DescriptionRun(tally, enriched)
 
 
 def _described(entity: Entity, text: str | None, model: str, prompt: DescriptionPrompt) -> Entity:
