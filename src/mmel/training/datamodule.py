@@ -28,6 +28,7 @@ from mmel.core.types import Dataset
 from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW, ScoreBlock, gold_rows_for
 from mmel.features.name_match import NameMatchIndex
 from mmel.features.templates import TextTemplate
+from mmel.training.negatives import TfidfNegativeSampler
 from mmel.training.recipe import DataSection, ValidationSection
 
 # Name-mined hard negatives rank by prior * this + cosine: a cosine (in [-1, 1]) can then only break
@@ -179,10 +180,13 @@ class MelDataModule(L.LightningDataModule):
 
     def __init__(self, entities: InputTable, train: LinkedSplit, dev: LinkedSplit | None, *,
                  data: DataSection | None = None, validation: ValidationSection | None = None,
-                 train_entities: InputTable | None = None, entity_names: Sequence[str] | None = None):
-        """`entity_names` (KB row order) is needed by name-mined hard negatives only."""
+                 train_entities: InputTable | None = None, entity_names: Sequence[str] | None = None,
+                 entity_texts: Sequence[str] | None = None):
+        """`entity_names` / `entity_texts` (KB row order) are needed by name-mined / TF-IDF negatives only."""
         super().__init__()
         self.entity_names = entity_names
+        self.entity_texts = entity_texts
+        self.tfidf_sampler: TfidfNegativeSampler | None = None
         self.entities = entities
         self.train_entities = train_entities if train_entities is not None else entities
         self.train_split = train
@@ -202,7 +206,14 @@ class MelDataModule(L.LightningDataModule):
         self.train_rows, self.counts.train = self._select_train_rows()
         if self.dev_split is not None:
             self.dev_rows, self.counts.dev = self._select_dev_rows(self.dev_split)
-        if self.data_config.hard_negatives > 0 and self.hard_negative_pools is None:
+        if self.data_config.hard_negatives == 0:
+            return
+        if self.data_config.hard_negative_source == "tfidf":
+            if self.tfidf_sampler is None:
+                if self.entity_texts is None:
+                    raise ValueError("data.hard_negative_source 'tfidf' needs the KB's entity texts (entity_texts)")
+                self.tfidf_sampler = TfidfNegativeSampler().fit(list(self.entity_texts))
+        elif self.hard_negative_pools is None:
             self.hard_negative_pools = self._mine_hard_negative_pools()
 
     def _mine_hard_negative_pools(self) -> np.ndarray:
@@ -259,7 +270,12 @@ class MelDataModule(L.LightningDataModule):
 
     def collate_train(self, rows: list[int]) -> TrainBatch:
         columns = self.train_split.gold_rows[rows]
-        if self.hard_negative_pools is not None:
+        if self.tfidf_sampler is not None:
+            # drawn from torch's generator, so Lightning's seed (and its worker seeding) decides them
+            generator = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
+            golds = np.repeat(columns[:, None], self.data_config.hard_negatives, axis=1)       # [B, k]
+            columns = np.concatenate([columns, self.tfidf_sampler.sample(golds, generator).ravel()])
+        elif self.hard_negative_pools is not None:
             pools = self.hard_negative_pools[rows]                                          # [B, pool]
             picks = torch.rand(pools.shape).argsort(dim=1)[:, :self.data_config.hard_negatives].numpy()
             columns = np.concatenate([columns, np.take_along_axis(pools, picks, axis=1).ravel()])

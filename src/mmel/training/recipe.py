@@ -21,7 +21,8 @@ from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.paths import atomic_write_text
 
 RECIPE_SUFFIX = ".yaml"
-HARD_NEGATIVE_SOURCES = ("dense", "name")
+HARD_NEGATIVE_SOURCES = ("dense", "name", "tfidf")
+SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -57,7 +58,9 @@ class DataSection(ConfigBase):
     hard_negative_pool: int = 20
     # Where the pool comes from: 'dense' (nearest global text vectors) or 'name' (the entities whose
     # names best match the surface form, mmel.features.name_match, dense cosine breaking ties and
-    # filling the pool): the namesakes a name prior leaves for the model to tell apart.
+    # filling the pool): the namesakes a name prior leaves for the model to tell apart. 'tfidf' is
+    # DIM's sampler (models.md §4.4): a word of the gold entity's text drawn by TF-IDF weight, then an
+    # entity containing it (5%: a random entity), drawn afresh for every batch; the pool is unused.
     hard_negative_source: str = "dense"
 
     def __post_init__(self) -> None:
@@ -75,6 +78,14 @@ class OptimizerSection(ConfigBase):
     eps: float = 1e-4
     weight_decay: float = 1e-4
     no_decay: tuple[str, ...] = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+    schedule: str = "constant"     # 'constant' (§1.8) or 'linear': warm up, then decay to 0 (DIM, §4.5)
+    warmup_steps: int = 0          # optimizer steps of linear warm-up from 0 (DIM: 100)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -87,6 +98,7 @@ class TrainerSection(ConfigBase):
     num_threads: int = 0                 # torch CPU threads; 0 keeps torch's default
     accelerator: str = "auto"
     precision: str = "32-true"           # fp32 (§1.8)
+    gradient_clip_val: float = 0.0       # gradient-norm clipping, 0 = none (§1.8); DIM clips at 1.0 (§4.5)
     num_sanity_val_steps: int = 0        # a sanity pass would encode the whole KB once more
     log_every_n_steps: int = 10
     progress: bool = True

@@ -29,7 +29,7 @@ from mmel.core.paths import atomic_write_json
 from mmel.core.types import Dataset
 from mmel.data import load_dataset
 from mmel.features.store import DatasetFeatures, list_views, open_features
-from mmel.features.templates import get_template
+from mmel.features.templates import get_template, template_for_views
 from mmel.models import MODELS
 from mmel.models.base import MelModel
 from mmel.training.datamodule import DataCounts, ItemTable, LinkedSplit, MelDataModule
@@ -129,7 +129,8 @@ def _datamodule(recipe: Recipe, dataset: Dataset, entities: Any, tables: dict[st
                        dataset.name, dev_split)
     return MelDataModule(entities, LinkedSplit.from_dataset(dataset, train_split, tables[train_split]), dev,
                          data=recipe.data, validation=recipe.validation,
-                         entity_names=[entity.name for entity in dataset.kb], **options)
+                         entity_names=[entity.name for entity in dataset.kb],
+                         entity_texts=[entity.text("description") for entity in dataset.kb], **options)
 
 
 def _open_matching_view(recipe: Recipe, dataset: Dataset, features_dir: Path) -> DatasetFeatures:
@@ -172,7 +173,27 @@ def train(recipe: Recipe, *, data_dir: Path, out_dir: Path, features_dir: Path |
         inputs = stored_inputs(recipe, dataset, Path(features_dir))
     inputs.info.data = {"dataset": dataset.name, "kb_size": len(dataset.kb)}
     model = build_model(recipe.model, inputs.widths)
+    _check_model_reads(model, recipe, inputs.datamodule)
     return fit(model, inputs.datamodule, recipe, out_dir, inputs.info, encoder=inputs.encoder, resume=resume)
+
+
+def _check_model_reads(model: MelModel, recipe: Recipe, datamodule: MelDataModule) -> None:
+    """The recipe's template must render the model's primary views, and the features must hold its further views."""
+    views = model.feature_views()
+    expected = template_for_views(views).name
+    if recipe.backbone.template != expected:
+        raise ConfigError(f"model {recipe.model.type} reads the views {views.mention} / {views.entity}, rendered by "
+                          f"template {expected!r}, but the recipe says backbone.template={recipe.backbone.template!r}")
+    further = set(views.mention_extra + views.entity_extra)
+    if further and recipe.backbone.trainable:
+        raise ConfigError(f"model {recipe.model.type} reads further text views ({', '.join(sorted(further))}), "
+                          "which only the feature store provides: train it on a frozen backbone")
+    held = set(getattr(datamodule.entities, "extra_views", [])) | set(
+        getattr(datamodule.train_split.table, "extra_views", []))
+    missing = sorted(further - held)
+    if missing:
+        raise ConfigError(f"model {recipe.model.type} reads text views {', '.join(missing)} that the features lack; "
+                          f"add them with `mmel features build ... {' '.join('--view ' + v for v in missing)}`")
 
 
 def _configure_torch(recipe: Recipe) -> None:
@@ -235,6 +256,7 @@ def _trainer(recipe: Recipe, out_dir: Path, exporter: BestModelExporter, *, with
     return L.Trainer(max_epochs=config.max_epochs, check_val_every_n_epoch=config.check_val_every_n_epoch,
                      accelerator=config.accelerator, precision=config.precision, deterministic=config.deterministic,
                      num_sanity_val_steps=config.num_sanity_val_steps, log_every_n_steps=config.log_every_n_steps,
+                     gradient_clip_val=config.gradient_clip_val or None,
                      enable_progress_bar=config.progress, enable_model_summary=False, default_root_dir=out_dir,
                      logger=CSVLogger(save_dir=out_dir, name="logs", version=f"session-{session}"),
                      callbacks=callbacks)

@@ -94,8 +94,12 @@ class MelSystem(L.LightningModule):
             self.log(f"train/loss_{unit}", value, on_step=False, on_epoch=True, batch_size=size)
         return output.loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW (§1.8); names containing a `no_decay` substring get weight decay 0."""
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """AdamW (§1.8); names containing a `no_decay` substring get weight decay 0.
+
+        With `schedule: linear`, the learning rate rises from 0 over `warmup_steps` optimizer steps and
+        then falls linearly to 0 at the last step of the run (DIM's schedule, §4.5).
+        """
         config = self.optimizer_config
         decay, no_decay = [], []
         for name, parameter in self.named_parameters():
@@ -103,7 +107,19 @@ class MelSystem(L.LightningModule):
                 (no_decay if any(part in name for part in config.no_decay) else decay).append(parameter)
         groups = [{"params": decay, "weight_decay": config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        if config.schedule == "constant" and config.warmup_steps == 0:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = config.warmup_steps
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 1.0 if config.schedule == "constant" else max(0.0, (total - step) / max(total - warmup, 1))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- validation: full-KB ranking ----------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
