@@ -25,7 +25,7 @@ def tiny_dataset_dir(tiny_index, tmp_path_factory):
 
 
 def test_demo_links_example_mentions_and_evaluates_bm25(tiny_index, tiny_dataset_dir, tmp_path):
-    result = runner.invoke(app, ["demo", "--data", str(tiny_dataset_dir), "--model", str(tiny_index.checkpoint),
+    result = runner.invoke(app, ["demo", "--dataset", str(tiny_dataset_dir), "--model", str(tiny_index.checkpoint),
                                  "--work", str(tmp_path / "work"), "--mentions", "2"])
     assert result.exit_code == 0, result.output
     assert "Noel Harrison" in result.output and "✓ gold" in result.output
@@ -123,7 +123,7 @@ def test_tune_name_prior_writes_the_best_weight_into_the_checkpoint(tiny_index, 
 
     checkpoint = shutil.copytree(tiny_index.checkpoint, tmp_path / "ckpt")
     build_features(load_dataset(tiny_dataset_dir), linker_backbone, tmp_path / "store", progress=False)
-    result = runner.invoke(app, ["tune-name-prior", str(checkpoint), "--data", str(tiny_dataset_dir), "--features",
+    result = runner.invoke(app, ["tune-name-prior", str(checkpoint), "--dataset", str(tiny_dataset_dir), "--features",
                                  str(tmp_path / "store"), "--split", "test", "--weight", "0", "--weight", "3",
                                  "--candidates", "8", "--write"])
     assert result.exit_code == 0, result.output

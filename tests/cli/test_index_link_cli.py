@@ -21,7 +21,7 @@ def invoke(*args: str):
 def test_build_info_add_link_remove(tiny_index, tmp_path):
     data = write_dataset(tiny_index.dataset, tmp_path / "data")
     index = tmp_path / "index"
-    built = invoke("index", "build", "--kb", data, "--model", tiny_index.checkpoint, "--out", index,
+    built = invoke("index", "build", "--dataset", data, "--model", tiny_index.checkpoint, "--out", index,
                    "--first-stage", "dense", "--quiet")
     assert built.exit_code == 0, built.output
     assert "8 entities (2 with an image)" in built.output

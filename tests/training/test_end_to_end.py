@@ -95,7 +95,7 @@ def test_cli_trains_the_head_on_stored_features(tiny_clip: Path, tiny_dataset: P
     backbone = load_backbone("clip", path=str(tiny_clip))
     features = build_features(load_dataset(tiny_dataset), backbone, tmp_path / "store", dtype="float32",
                               progress=False)
-    arguments = ["train", "--recipe", "mimic-synthetic-cpu", "--data", str(tiny_dataset), "--features",
+    arguments = ["train", "--recipe", "mimic-synthetic-cpu", "--dataset", str(tiny_dataset), "--features",
                  str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--set", "backbone.name=clip",
                  "--set", "trainer.max_epochs=2", "--set", "data.batch_size=6", "--set", "trainer.progress=false"]
     outcome = CliRunner().invoke(app, arguments)

@@ -5,15 +5,30 @@ from __future__ import annotations
 import pytest
 
 from mmel.core.config import ConfigError
+from mmel.features.templates import template_for_views
 from mmel.training.recipe import Recipe, available_recipes, load_recipe, save_recipe
+from mmel.training.run import build_model
 
 
-def test_every_packaged_recipe_loads() -> None:
+def test_every_packaged_recipe_loads_and_its_template_renders_its_models_views() -> None:
     names = available_recipes()
-    assert {"mimic-paper", "mimic-wikimel-cpu", "mimic-richpediamel-cpu", "mimic-synthetic-cpu"} <= set(names)
+    assert {"mimic-paper", "mimic-wikimel-cpu", "mimic-richpediamel-cpu", "mimic-synthetic-cpu", "m3el-paper",
+            "m3el-wikimel-cpu", "m3el-richpediamel-cpu", "dim-wikimel-cpu", "dim-richpediamel-cpu"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
-        assert recipe.name == name and recipe.model.type == "mimic"
+        assert recipe.name == name and recipe.model.type == name.split("-")[0]
+        model = build_model(recipe.model, {"text_dim": 16, "image_global_dim": 12, "image_patch_dim": 10})
+        assert template_for_views(model.feature_views()).name == recipe.backbone.template, name
+
+
+def test_dim_recipes_have_the_release_scripts_hyper_parameters() -> None:
+    for name in ("dim-wikimel-cpu", "dim-richpediamel-cpu"):
+        recipe = load_recipe(name)
+        optimizer, data = recipe.optimizer, recipe.data
+        assert (optimizer.lr, optimizer.eps, optimizer.weight_decay) == (5e-5, 1e-8, 1e-3)       # §4.5
+        assert (optimizer.schedule, optimizer.warmup_steps, recipe.trainer.gradient_clip_val) == ("linear", 100, 1.0)
+        assert (data.batch_size, data.hard_negatives, data.hard_negative_source) == (64, 1, "tfidf")
+        assert recipe.trainer.seed == 114514 and recipe.model.options["dropout"] == 0.4
 
 
 def test_paper_recipe_has_the_published_hyper_parameters() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mmel.core.config import ConfigError
-from mmel.core.features import FeatureBatch, InMemoryFeatureTable
+from mmel.core.features import FeatureBatch, InMemoryFeatureTable, PooledView
 from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW
 from mmel.features.name_match import NameMatchIndex
 from mmel.models import load_model
@@ -183,3 +184,64 @@ def test_export_round_trip_keeps_scores_and_provenance(tmp_path) -> None:
         torch.testing.assert_close(loaded(entities, entities).scores, model(entities, entities).scores, atol=0, rtol=0)
     assert loaded.checkpoint_header["training"]["recipe"]["name"] == "mimic-synthetic-cpu"
     assert loaded.checkpoint_header["backbone"]["name"] == "random"
+
+
+def _with_pooled_views(batch: FeatureBatch, generator: torch.Generator) -> FeatureBatch:
+    """DIM's further mention views: the surface alone (always there) and a caption (every other row)."""
+    count = len(batch)
+    return dataclasses.replace(batch, views={
+        "mention": PooledView(batch.text_global + 0.1 * torch.randn(count, 16, generator=generator),
+                              torch.ones(count, dtype=torch.bool)),
+        "caption": PooledView(torch.randn(count, 16, generator=generator), torch.arange(count) % 2 == 0)})
+
+
+def dim_datamodule(recipe, texts: list[str]) -> MelDataModule:
+    generator = torch.Generator().manual_seed(0)
+    plain = synthetic_datamodule(recipe)
+    splits = [LinkedSplit(split.name, InMemoryFeatureTable(_with_pooled_views(split.table.batch, generator)),
+                          split.gold_rows) for split in (plain.train_split, plain.dev_split)]
+    return MelDataModule(plain.entities, splits[0], splits[1], data=recipe.data, validation=recipe.validation,
+                         entity_texts=texts)
+
+
+def test_dim_trains_with_tfidf_negatives_and_a_warmed_up_linear_schedule(tmp_path) -> None:
+    texts = [f"entity {row} works as a {['singer', 'painter', 'pilot', 'chemist'][row % 4]} in town {row % 7}"
+             for row in range(NUM_ENTITIES)]
+    recipe = load_recipe("dim-wikimel-cpu", ["data.batch_size=16", "trainer.progress=false", "trainer.max_epochs=30",
+                                             "trainer.log_every_n_steps=1", "trainer.check_val_every_n_epoch=2",
+                                             "optimizer.lr=3e-3", "optimizer.warmup_steps=5",
+                                             "validation.mention_batch_size=16", "trainer.early_stopping_patience=10"])
+    datamodule = dim_datamodule(recipe, texts)
+    datamodule.setup("fit")
+    batch = datamodule.collate_train([0, 1, 2, 3])
+    gold = datamodule.train_split.gold_rows[[0, 1, 2, 3]]
+    assert batch.entity_ids.shape == (8,) and batch.entity_ids[:4].tolist() == gold.tolist()
+    assert all(int(negative) != int(g) for negative, g in zip(batch.entity_ids[4:], gold, strict=True))
+    assert set(batch.mentions.views) == {"mention", "caption"}
+
+    torch.manual_seed(0)
+    model = build_model(recipe.model, WIDTHS)
+    result = fit(model, dim_datamodule(recipe, texts), recipe, tmp_path / "run", export_info(recipe))
+    rows = read_rows(tmp_path / "run" / "logs" / "session-1" / "metrics.csv")
+    epoch_losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert epoch_losses[-1] < 0.7 * epoch_losses[0]
+    assert result.best_mrr > 0.3 and {"train/loss_npair", "train/loss_l2"} <= set(rows[-1])
+
+
+def test_the_linear_schedule_warms_up_then_decays_to_zero() -> None:
+    from mmel.training.system import MelSystem
+
+    recipe = load_recipe("dim-wikimel-cpu", ["optimizer.warmup_steps=4"])
+    system = MelSystem(build_model(recipe.model, WIDTHS), recipe.optimizer)
+    system.trainer = type("FakeTrainer", (), {"estimated_stepping_batches": 20})()
+    configured = system.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = recipe.optimizer.lr
+    assert rates[:4] == pytest.approx([peak * k / 4 for k in (1, 2, 3, 4)])
+    assert rates[4] == pytest.approx(peak) and rates[-1] == pytest.approx(peak / 16) and rates == sorted(rates[:4]) + \
+        sorted(rates[4:], reverse=True)

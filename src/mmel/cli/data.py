@@ -60,7 +60,7 @@ def prepare(
 
 @app.command()
 def validate(
-    path: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout) or a kb.jsonl file.")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout) or a kb.jsonl file.")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     decode_images: Annotated[bool, typer.Option("--decode-images/--no-decode-images",
                                                 help="Decode every image, or only check that files exist.")] = True,
@@ -68,7 +68,7 @@ def validate(
 ) -> None:
     """Print a Markdown report of a dataset's counts and problems."""
     with exit_on_user_errors():
-        report = validate_dataset(load_dataset(path), decode_images=decode_images)
+        report = validate_dataset(load_dataset(dataset), decode_images=decode_images)
         if json_out is not None:
             atomic_write_json(json_out, report.to_dict())
     typer.echo(report.to_markdown())
@@ -78,14 +78,14 @@ def validate(
 
 @app.command()
 def convert(
-    path: Annotated[Path, typer.Argument(help="Dataset to convert (mmel JSONL or MIMIC layout).")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset to convert (mmel JSONL or MIMIC layout).")],
     to: Annotated[TargetFormat, typer.Option("--to", help="Target format.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
     prefix: Annotated[str, typer.Option("--prefix", help="MIMIC layout: mention file prefix.")] = "WIKIMEL",
 ) -> None:
     """Convert a dataset between the MIMIC layout and mmel's JSONL format."""
     with exit_on_user_errors():
-        convert_dataset(path, out, to.value, prefix=prefix)
+        convert_dataset(dataset, out, to.value, prefix=prefix)
     typer.echo(f"Wrote {out} ({to.value}).")
 
 

@@ -22,7 +22,7 @@ console = Console()
 
 
 def demo(
-    data: Annotated[Path, typer.Option(help="Example dataset (mmel JSONL).")] = DEFAULT_DATA,
+    dataset: Annotated[Path, typer.Option("--dataset", "--data", help="Example dataset (mmel JSONL).")] = DEFAULT_DATA,
     model: Annotated[Path, typer.Option(help="Trained checkpoint directory.")] = DEFAULT_CHECKPOINT,
     work: Annotated[Path, typer.Option(help="Where the example index is built (reused on later runs).")] = Path(
         ".mmel-demo"),
@@ -35,7 +35,7 @@ def demo(
     from mmel.retrieval.linker import Linker
 
     with exit_on_user_errors():
-        dataset = load_dataset(data)
+        dataset = load_dataset(dataset)
         prior = ModelSpec.read(model).name_prior_weight
         index_dir = work / f"index-{weights_fingerprint(model)[:12]}-prior{prior:g}"
         if not index_dir.is_dir():

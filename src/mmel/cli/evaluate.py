@@ -8,19 +8,23 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from mmel.cli.choices import FirstStageName
 from mmel.cli.errors import exit_on_user_errors
+from mmel.experiments import BASELINES
 
 console = Console()
 
 
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout).")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout).")],
     model: Annotated[str, typer.Option(
-        help="bm25, bm25-text, dense, name-match, or a trained checkpoint directory.")] = "bm25",
+        help=f"A baseline ({', '.join(BASELINES)}) or a trained checkpoint directory.")] = "bm25",
     split: Annotated[str, typer.Option(help="Split to rank.")] = "test",
     features: Annotated[Path | None, typer.Option(help="Feature store (needed by dense and trained models).")] = None,
-    first_stage: Annotated[str | None, typer.Option(
-        help="Two-stage ranking through the served linker: dense, bm25 or hybrid picks the top K, the model "
+    feature_view_id: Annotated[str | None, typer.Option("--feature-view", help="Feature view to read when the store "
+                                                        "holds several that fit (see `mmel features info`).")] = None,
+    first_stage: Annotated[FirstStageName | None, typer.Option(
+        help="Two-stage ranking through the served linker: the first stage picks the top K, the model "
              "reranks them (an index is built in a temporary directory unless --index names one).")] = None,
     index: Annotated[Path | None, typer.Option(
         help="With --first-stage: an existing index of this dataset's KB for the model (mmel index build).")] = None,
@@ -36,12 +40,14 @@ def evaluate(
     from mmel.data import load_dataset
     from mmel.evaluation.report import write_report
     from mmel.experiments.evaluate import evaluate as run_evaluation
-    from mmel.features.store import open_features
+    from mmel.experiments.evaluate import features_for
 
     with exit_on_user_errors():
-        dataset = load_dataset(data)
-        feature_view = open_features(features, dataset.name) if features is not None else None
-        report = run_evaluation(dataset, split, model, features=feature_view, first_stage=first_stage,
+        dataset = load_dataset(dataset)
+        feature_view = (features_for(features, dataset, model, feature_view_id) if features is not None
+                        else None)
+        report = run_evaluation(dataset, split, model, features=feature_view,
+                                first_stage=first_stage.value if first_stage else None,
                                 num_candidates=candidates, sample=sample, seed=seed, name_prior_weight=name_prior,
                                 index_dir=index)
         console.print(report.to_markdown())
@@ -55,12 +61,12 @@ DEFAULT_PRIOR_WEIGHTS = [0.0, 4.0, 8.0, 16.0, 32.0, 64.0]
 
 def tune_name_prior(
     checkpoint: Annotated[Path, typer.Argument(help="Trained model checkpoint directory.")],
-    data: Annotated[Path, typer.Option("--data", help="Dataset directory with the split to tune on.")],
+    dataset: Annotated[Path, typer.Option("--dataset", "--data", help="Dataset directory with the split to tune on.")],
     features: Annotated[Path, typer.Option("--features", help="Feature store of the dataset.")],
     split: Annotated[str, typer.Option(help="Split to tune on (never the test split you report).")] = "dev",
     weights: Annotated[list[float] | None, typer.Option("--weight", help="A weight to try (repeat the option).")
                        ] = None,
-    first_stage: Annotated[str, typer.Option(help="First stage: dense, bm25 or hybrid.")] = "hybrid",
+    first_stage: Annotated[FirstStageName, typer.Option(help="First stage.")] = FirstStageName.hybrid,
     candidates: Annotated[int, typer.Option(min=1, help="Candidates reranked per mention.")] = 100,
     write: Annotated[bool, typer.Option("--write", help="Store the best weight in the checkpoint's config.json "
                                                         "(used by `mmel index build`).")] = False,
@@ -68,17 +74,17 @@ def tune_name_prior(
     """Tune the weight of the surface-name match added to a model's scores, on a dev split."""
     from mmel.core.checkpoint import update_checkpoint_header
     from mmel.data import load_dataset
+    from mmel.experiments.evaluate import features_for
     from mmel.experiments.evaluate import tune_name_prior as run_tuning
-    from mmel.features.store import open_features
 
     with exit_on_user_errors():
-        dataset = load_dataset(data)
-        tuning = run_tuning(dataset, split, checkpoint, open_features(features, dataset.name),
-                            weights or DEFAULT_PRIOR_WEIGHTS, first_stage=first_stage, num_candidates=candidates)
+        dataset = load_dataset(dataset)
+        tuning = run_tuning(dataset, split, checkpoint, features_for(features, dataset, str(checkpoint)),
+                            weights or DEFAULT_PRIOR_WEIGHTS, first_stage=first_stage.value, num_candidates=candidates)
         console.print(tuning.to_markdown())
         if write:
             update_checkpoint_header(checkpoint, "inference", {
                 "name_prior_weight": tuning.best_weight,
-                "tuned_on": f"{dataset.name} {tuning.split}, {tuning.mentions} mentions, {first_stage} top "
+                "tuned_on": f"{dataset.name} {tuning.split}, {tuning.mentions} mentions, {first_stage.value} top "
                             f"{candidates}, H@1 {100 * tuning.metrics[tuning.best_weight]['hits@1']:.2f}"})
             console.print(f"wrote name_prior_weight {tuning.best_weight:g} into {checkpoint}")

@@ -10,18 +10,14 @@ from typing import Annotated
 
 import typer
 
-from mmel.backbones import load_backbone
+from mmel.backbones import DEFAULT_BACKBONE, load_backbone
+from mmel.cli.choices import BackboneName
 from mmel.cli.errors import exit_on_user_errors
 from mmel.core.paths import atomic_write_json
 from mmel.data import load_dataset
 from mmel.features.templates import TEMPLATES, TEXT_VIEWS
 
 app = typer.Typer(help="Encode datasets once into the feature store.", no_args_is_help=True)
-
-
-class BackboneName(str, Enum):
-    minilm_effnet = "minilm_effnet"
-    clip = "clip"
 
 
 class StorageDtype(str, Enum):
@@ -31,9 +27,9 @@ class StorageDtype(str, Enum):
 
 @app.command()
 def build(
-    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout).")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (mmel JSONL or MIMIC layout).")],
     store: Annotated[Path, typer.Option("--store", help="Feature store directory (created if missing).")],
-    backbone: Annotated[BackboneName, typer.Option(help="Encoder pair.")] = BackboneName.minilm_effnet,
+    backbone: Annotated[BackboneName, typer.Option(help="Encoder pair.")] = BackboneName[DEFAULT_BACKBONE],
     clip_path: Annotated[str | None, typer.Option(help="CLIP checkpoint directory or hub id (--backbone clip; "
                                                        "default openai/clip-vit-base-patch32 from the HF cache).")
                          ] = None,
@@ -61,8 +57,8 @@ def build(
 
     started = time.perf_counter()
     with exit_on_user_errors():
-        dataset = load_dataset(dataset_dir)
-        options = {"path": clip_path} if backbone is BackboneName.clip and clip_path else {}
+        dataset = load_dataset(dataset)
+        options = {"path": clip_path} if backbone.value == "clip" and clip_path else {}
         encoder = load_backbone(backbone.value, device=device, **options)
         loaded = time.perf_counter()
         features = build_features(

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from mmel.cli.choices import FirstStageName
 from mmel.cli.errors import exit_on_user_errors
 from mmel.core.paths import atomic_write_text
 
@@ -22,12 +23,13 @@ app = typer.Typer(help="Build link indexes and add, update or remove their entit
 
 @app.command()
 def build(
-    kb: Annotated[Path, typer.Option("--kb", help="Dataset directory (or kb.jsonl) whose knowledge base to index.")],
+    dataset: Annotated[Path, typer.Option("--dataset", "--kb", help="Dataset directory (or kb.jsonl) whose "
+                                                                     "knowledge base to index.")],
     model: Annotated[Path, typer.Option("--model", help="Trained model checkpoint directory.")],
     out: Annotated[Path, typer.Option("--out", help="Index directory to write (replaced atomically if present).")],
     features: Annotated[Path | None, typer.Option("--features", help="Feature store to take entity features from "
                                                                      "(default: encode on the fly).")] = None,
-    first_stage: Annotated[str, typer.Option(help="Candidate retrieval: dense, bm25 or hybrid.")] = "hybrid",
+    first_stage: Annotated[FirstStageName, typer.Option(help="Candidate retrieval.")] = FirstStageName.hybrid,
     kind: Annotated[str, typer.Option("--kind", help="FAISS index: auto (exact up to --exact-max-entities, IVF "
                                                      "above), flat, hnsw or ivf.")] = "auto",
     exact_max_entities: Annotated[int, typer.Option(min=1, help="Largest KB indexed exactly by --kind auto.")
@@ -46,11 +48,11 @@ def build(
     from mmel.retrieval.index_build import IndexBuildConfig, build_index
 
     with exit_on_user_errors():
-        config = IndexBuildConfig(first_stage=first_stage, vector_index=kind, reranker=reranker,
+        config = IndexBuildConfig(first_stage=first_stage.value, vector_index=kind, reranker=reranker,
                                   exact_max_entities=exact_max_entities, ivf_num_probes=ivf_probes,
                                   cache_dtype=cache_dtype,
                                   name_prior_weight=name_prior_weight)
-        report = build_index(load_dataset(kb), model, out, config=config, features_store=features,
+        report = build_index(load_dataset(dataset), model, out, config=config, features_store=features,
                              progress=not quiet)
     typer.echo(report.summary())
 

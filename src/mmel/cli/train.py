@@ -13,7 +13,8 @@ from mmel.cli.errors import exit_on_user_errors
 def train(
     recipe: Annotated[str, typer.Option("--recipe", help="Packaged recipe name (e.g. mimic-wikimel-cpu, "
                                                          "mimic-paper) or a recipe .yaml file.")],
-    data: Annotated[Path, typer.Option("--data", help="Dataset directory (mmel JSONL or MIMIC layout).")],
+    dataset: Annotated[Path, typer.Option("--dataset", "--data",
+                                          help="Dataset directory (mmel JSONL or MIMIC layout).")],
     out: Annotated[Path, typer.Option("--out", help="Run directory: logs, resume state, best/ checkpoint.")],
     features: Annotated[Path | None, typer.Option("--features", help="Feature store directory (frozen-backbone "
                                                                      "recipes).")] = None,
@@ -28,5 +29,5 @@ def train(
 
     with exit_on_user_errors():
         loaded = load_recipe(recipe, overrides or [])
-        result = run_training(loaded, data_dir=data, out_dir=out, features_dir=features, resume=resume)
+        result = run_training(loaded, data_dir=dataset, out_dir=out, features_dir=features, resume=resume)
     typer.echo(result.summary())

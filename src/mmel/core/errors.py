@@ -28,3 +28,14 @@ class PathEscapeError(DataError):
 
 class MismatchError(MmelError):
     """Artifacts that do not belong together (model vs features, index vs model...)."""
+
+
+class UsageError(MmelError, ValueError):
+    """An argument or option the caller got wrong (a value out of range, a missing input, an unknown choice)."""
+
+
+class NotFoundError(MmelError, KeyError):
+    """A name, QID or split that is not there; the message says what is."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])

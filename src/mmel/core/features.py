@@ -24,6 +24,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from mmel.core.errors import NotFoundError
+
 
 @dataclass(frozen=True)
 class FeatureViews:
@@ -106,7 +108,7 @@ class FeatureBatch:
         try:
             return self.views[name]
         except KeyError:
-            raise KeyError(f"text view {name!r} is not in this batch (it has: {', '.join(self.views) or 'none'}); "
+            raise NotFoundError(f"text view {name!r} is not in this batch (it has: {', '.join(self.views) or 'none'}); "
                            "build the features with the views the model declares") from None
 
     @staticmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mmel.core.errors import PathEscapeError
+from mmel.core.errors import PathEscapeError, UsageError
 from mmel.core.paths import resolve_in_root
 
 MAX_IMAGE_PIXELS = 40_000_000    # above this, PIL's bomb check refuses the image
@@ -69,9 +69,9 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, max_side: i
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageTooLargeError(f"image too large (decompression bomb check): {error}") from None
     except UnidentifiedImageError as error:
-        raise ValueError(f"not a usable image: {error}") from None
+        raise UsageError(f"not a usable image: {error}") from None
     except (OSError, SyntaxError) as error:
-        raise ValueError(f"corrupt or truncated image: {error}") from None
+        raise UsageError(f"corrupt or truncated image: {error}") from None
     image = ImageOps.exif_transpose(image).convert("RGB")
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)

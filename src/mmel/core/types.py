@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmel.core.errors import NotFoundError
+
 NIL = None  # gold_qid value of a mention whose entity is not in the KB
 
 
@@ -109,7 +111,7 @@ class KnowledgeBase(Sequence[Entity]):
         try:
             return self._row[qid]
         except KeyError:
-            raise KeyError(f"QID {qid!r} is not in the knowledge base ({len(self)} entities)") from None
+            raise NotFoundError(f"QID {qid!r} is not in the knowledge base ({len(self)} entities)") from None
 
     def get(self, qid: str) -> Entity | None:
         row = self._row.get(qid)
@@ -129,7 +131,7 @@ class Dataset:
         try:
             return self.splits[name]
         except KeyError:
-            raise KeyError(f"dataset {self.name!r} has no split {name!r}; available: "
+            raise NotFoundError(f"dataset {self.name!r} has no split {name!r}; available: "
                            f"{', '.join(sorted(self.splits)) or 'none'}") from None
 
 

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from mmel.core.config import ConfigBase, ConfigError
+from mmel.core.errors import UsageError
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
 from mmel.data.jsonl_format import write_dataset
 
@@ -146,7 +147,7 @@ def _check_spec(spec: VisualSpec) -> None:
     for value, known, what in ((spec.shape, SHAPES, "shape"), (spec.colour, tuple(COLOURS), "colour"),
                                (spec.pattern, PATTERNS, "pattern")):
         if value not in known:
-            raise ValueError(f"unknown {what} {value!r} in visual spec; known: {', '.join(known)}")
+            raise UsageError(f"unknown {what} {value!r} in visual spec; known: {', '.join(known)}")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, spec: VisualSpec, size: int) -> None:
@@ -247,9 +248,9 @@ def generate_kb(num_entities: int, *, group_size: int = 4, seed: int = 0, progre
 
 def _check_kb_arguments(num_entities: int, group_size: int) -> None:
     if num_entities < 1:
-        raise ValueError(f"num_entities must be >= 1, got {num_entities}")
+        raise UsageError(f"num_entities must be >= 1, got {num_entities}")
     if not 1 <= group_size <= MAX_GROUP_SIZE:
-        raise ValueError(f"group_size must be in [1, {MAX_GROUP_SIZE}] (members differ in colour and topic), "
+        raise UsageError(f"group_size must be in [1, {MAX_GROUP_SIZE}] (members differ in colour and topic), "
                          f"got {group_size}")
 
 
@@ -264,9 +265,9 @@ def generate_mentions(kb: KnowledgeBase, split: str, count: int, *, cue_mix: Cue
     """
     mix = cue_mix or CueMix()
     if count < 0:
-        raise ValueError(f"mention count of split {split!r} must be >= 0, got {count}")
+        raise UsageError(f"mention count of split {split!r} must be >= 0, got {count}")
     if not 0.0 <= nil_fraction <= 1.0:
-        raise ValueError(f"nil_fraction must be in [0, 1], got {nil_fraction}")
+        raise UsageError(f"nil_fraction must be in [0, 1], got {nil_fraction}")
     rng = np.random.default_rng([seed, 1, zlib.crc32(split.encode())])
     num_nil = round(count * nil_fraction)
     kinds = _exact_shares(mix.shares(), count - num_nil)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mmel.core.errors import DataError
+from mmel.core.errors import DataError, UsageError
 from mmel.core.types import Entity
 from mmel.enrich.cache import sha256_text
 
@@ -49,10 +49,10 @@ class DescriptionPrompt:
         unknown = sorted({name for _, name, _, _ in string.Formatter().parse(self.user) if name is not None}
                          - set(PLACEHOLDERS))
         if unknown:
-            raise ValueError(f"prompt template uses unknown placeholder(s) {', '.join(unknown)}; "
+            raise UsageError(f"prompt template uses unknown placeholder(s) {', '.join(unknown)}; "
                              f"available: {', '.join(PLACEHOLDERS)}")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise UsageError(f"max_tokens must be at least 1, got {self.max_tokens}")
 
     @property
     def sha256(self) -> str:

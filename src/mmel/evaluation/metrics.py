@@ -19,6 +19,8 @@ from typing import Literal
 
 import numpy as np
 
+from mmel.core.errors import UsageError
+
 TiePolicy = Literal["against-gold", "expected"]
 TIE_POLICIES: tuple[TiePolicy, ...] = ("against-gold", "expected")
 DEFAULT_TIE_POLICY: TiePolicy = "against-gold"
@@ -28,7 +30,7 @@ HITS_AT: tuple[int, ...] = (1, 3, 5, 10, 20)  # the cut-offs of MIMIC / M3EL (mo
 def check_tie_policy(tie_policy: str) -> TiePolicy:
     """Return `tie_policy` if it is known, else raise naming the valid ones."""
     if tie_policy not in TIE_POLICIES:
-        raise ValueError(f"unknown tie policy {tie_policy!r}; use one of: {', '.join(TIE_POLICIES)}")
+        raise UsageError(f"unknown tie policy {tie_policy!r}; use one of: {', '.join(TIE_POLICIES)}")
     return tie_policy  # type: ignore[return-value]
 
 
@@ -42,9 +44,9 @@ def ranks_from_counts(num_greater: np.ndarray, num_tied: np.ndarray,
     greater = np.asarray(num_greater, dtype=np.float64)
     tied = np.asarray(num_tied, dtype=np.float64)
     if greater.shape != tied.shape:
-        raise ValueError(f"num_greater {greater.shape} and num_tied {tied.shape} must have the same shape")
+        raise UsageError(f"num_greater {greater.shape} and num_tied {tied.shape} must have the same shape")
     if (greater < 0).any() or (tied < 0).any():
-        raise ValueError("counts of greater and tied scores must be non-negative")
+        raise UsageError("counts of greater and tied scores must be non-negative")
     tie_weight = 1.0 if tie_policy == "against-gold" else 0.5
     return 1.0 + greater + tie_weight * tied
 
@@ -57,9 +59,9 @@ def ranking_metrics(ranks: np.ndarray, hits_at: tuple[int, ...] = HITS_AT) -> di
     """
     values = np.asarray(ranks, dtype=np.float64)
     if values.ndim != 1:
-        raise ValueError(f"ranks must be a 1-D array, got shape {values.shape}")
+        raise UsageError(f"ranks must be a 1-D array, got shape {values.shape}")
     if values.size and (not np.isfinite(values).all() or values.min() < 1):
-        raise ValueError("ranks must be finite and >= 1 (they are 1-based)")
+        raise UsageError("ranks must be finite and >= 1 (they are 1-based)")
     metrics: dict[str, float] = {}
     for k in hits_at:
         metrics[f"hits@{k}"] = float(np.mean(values <= k)) if values.size else float("nan")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mmel.core.errors import UsageError
 from mmel.core.types import KnowledgeBase, Mention
 from mmel.evaluation.metrics import DEFAULT_TIE_POLICY, HITS_AT, TiePolicy, ranking_metrics, ranks_from_counts
 
@@ -120,7 +121,7 @@ def rank_full_kb(score_block: ScoreBlock, gold_rows: np.ndarray, num_entities: i
     gold = _check_gold_rows(gold_rows, num_entities)
     _check_positive(mention_batch_size=mention_batch_size, entity_chunk_size=entity_chunk_size)
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+        raise UsageError(f"top_k must be >= 0, got {top_k}")
     keep = min(top_k, num_entities)
     result = _empty_result(gold, keep)
     rows_to_score = np.arange(len(gold)) if keep else np.flatnonzero(gold >= 0)
@@ -239,7 +240,7 @@ def rank_candidates(score_pairs: PairScorer, candidates: Sequence[np.ndarray], g
     """
     gold = np.asarray(gold_rows, dtype=np.int64)
     if gold.ndim != 1 or len(candidates) != len(gold):
-        raise ValueError(f"need one candidate array per mention: {len(candidates)} candidate arrays "
+        raise UsageError(f"need one candidate array per mention: {len(candidates)} candidate arrays "
                          f"for gold_rows of shape {gold.shape}")
     if num_entities is not None:
         _check_gold_rows(gold, num_entities)
@@ -259,7 +260,7 @@ def _candidate_set(index: int, candidate_rows: np.ndarray, gold: int, num_entiti
                    result: RankingResult) -> np.ndarray:
     rows = np.unique(np.asarray(candidate_rows, dtype=np.int64))
     if num_entities is not None and len(rows) and (rows[0] < 0 or rows[-1] >= num_entities):
-        raise ValueError(f"mention {index}: candidate rows must lie in [0, {num_entities}), "
+        raise UsageError(f"mention {index}: candidate rows must lie in [0, {num_entities}), "
                          f"got {rows[0]}..{rows[-1]}")
     if gold >= 0 and not np.isin(gold, rows):
         result.gold_added += 1
@@ -276,7 +277,7 @@ def _rank_batch_candidates(score_pairs: PairScorer, rows: np.ndarray, sets: list
     entity_rows = np.concatenate(sets)                               # [P]
     scores = as_numpy_scores(score_pairs(mention_rows, entity_rows))
     if scores.shape != entity_rows.shape:
-        raise ValueError(f"score_pairs returned shape {scores.shape} for {len(entity_rows)} pairs")
+        raise UsageError(f"score_pairs returned shape {scores.shape} for {len(entity_rows)} pairs")
     _check_no_nan(scores, f"score_pairs for mentions {rows[0]}..{rows[-1]}")
     for index, entity_set, set_scores in zip(rows, sets, np.split(scores, np.cumsum(sizes)[:-1]), strict=True):
         gold = result.gold_rows[index]
@@ -308,12 +309,12 @@ def _empty_result(gold: np.ndarray, keep: int) -> RankingResult:
 def _check_gold_rows(gold_rows: np.ndarray, num_entities: int) -> np.ndarray:
     gold = np.asarray(gold_rows, dtype=np.int64)
     if gold.ndim != 1:
-        raise ValueError(f"gold_rows must be 1-D [M], got shape {gold.shape}")
+        raise UsageError(f"gold_rows must be 1-D [M], got shape {gold.shape}")
     if num_entities < 1:
-        raise ValueError(f"num_entities must be >= 1, got {num_entities}")
+        raise UsageError(f"num_entities must be >= 1, got {num_entities}")
     bad = np.flatnonzero((gold >= num_entities) | ((gold < 0) & (gold != NIL_ROW) & (gold != MISSING_GOLD_ROW)))
     if len(bad):
-        raise ValueError(f"gold row {gold[bad[0]]} of mention {bad[0]} is neither in [0, {num_entities}) nor "
+        raise UsageError(f"gold row {gold[bad[0]]} of mention {bad[0]} is neither in [0, {num_entities}) nor "
                          f"NIL_ROW ({NIL_ROW}) / MISSING_GOLD_ROW ({MISSING_GOLD_ROW}); {len(bad)} such mentions")
     return gold
 
@@ -321,7 +322,7 @@ def _check_gold_rows(gold_rows: np.ndarray, num_entities: int) -> np.ndarray:
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise UsageError(f"{name} must be >= 1, got {value}")
 
 
 def _chunk_bounds(chunk: int, chunk_size: int, num_entities: int) -> tuple[int, int]:
@@ -331,7 +332,7 @@ def _chunk_bounds(chunk: int, chunk_size: int, num_entities: int) -> tuple[int, 
 def _call_score_block(score_block: ScoreBlock, rows: np.ndarray, start: int, stop: int) -> np.ndarray:
     block = as_numpy_scores(score_block(rows, start, stop))
     if block.shape != (len(rows), stop - start):
-        raise ValueError(f"score_block returned shape {block.shape} for {len(rows)} mentions x entities "
+        raise UsageError(f"score_block returned shape {block.shape} for {len(rows)} mentions x entities "
                          f"[{start}, {stop}); expected {(len(rows), stop - start)}")
     _check_no_nan(block, f"score_block for entities [{start}, {stop})")
     return block
@@ -353,7 +354,7 @@ def as_numpy_scores(scores: np.ndarray | torch.Tensor, dtype: type | None = None
 def _check_no_nan(scores: np.ndarray, where: str) -> None:
     """A NaN compares false with everything, so it would silently rank the gold first: refuse it."""
     if np.isnan(scores).any():
-        raise ValueError(f"{where} returned NaN scores; fix the scorer (NaN would make ranks meaningless)")
+        raise UsageError(f"{where} returned NaN scores; fix the scorer (NaN would make ranks meaningless)")
 
 
 __all__ = ["FULL_KB", "MISSING_GOLD_ROW", "NIL_ROW", "PairScorer", "RankingResult", "ScoreBlock",

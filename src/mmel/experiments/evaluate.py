@@ -31,23 +31,23 @@ from pathlib import Path
 
 import numpy as np
 
-from mmel.core.errors import MismatchError
+from mmel.core.errors import MismatchError, UsageError
 from mmel.core.features import FeatureTable
 from mmel.core.types import Dataset, LinkResult, Mention
 from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, as_numpy_scores, gold_rows_for, rank_full_kb
 from mmel.evaluation.report import EvalReport, build_report
+from mmel.experiments import BASELINES
 from mmel.experiments.ranking import ModelScorer
 from mmel.features.name_match import NameMatchIndex, name_match
-from mmel.features.store import DatasetFeatures
+from mmel.features.store import DatasetFeatures, list_views, open_features
 from mmel.models import load_model
+from mmel.retrieval import FIRST_STAGES
 from mmel.retrieval.bm25 import BM25Index, query_text
 from mmel.retrieval.dense import DenseScorer
-from mmel.retrieval.first_stage import FIRST_STAGES
 from mmel.retrieval.index_build import IndexBuildConfig, ModelSpec, build_index
 from mmel.retrieval.linker import Linker
 from mmel.retrieval.reranking import order_by_score, with_name_prior
 
-BASELINES = ("bm25", "bm25-text", "dense", "name-match")
 # The dense cosine (in [-1, 1]) only breaks name-match ties: scaled so that it never outweighs the
 # smallest step of the match (1 / number of surface tokens).
 DENSE_TIE_BREAK = 1e-3
@@ -101,13 +101,13 @@ def _bm25_block(dataset: Dataset, to_rank: SplitToRank, fields: str = "name") ->
 
 def _dense_block(features: DatasetFeatures | None, to_rank: SplitToRank) -> ScoreBlock:
     if features is None or to_rank.features is None:
-        raise ValueError("dense retrieval needs the feature store: pass --features (built by `mmel features build`)")
+        raise UsageError("dense retrieval needs the feature store: pass --features (built by `mmel features build`)")
     return DenseScorer(features.entities).rows_scorer(to_rank.features)
 
 
 def _dense_block(features: DatasetFeatures | None, to_rank: SplitToRank) -> ScoreBlock:
     if features is None or to_rank.features is None:
-        raise ValueError("dense retrieval needs the feature store: pass --features (built by `mmel features build`)")
+        raise UsageError("dense retrieval needs the feature store: pass --features (built by `mmel features build`)")
     return DenseScorer(features.entities).rows_scorer(to_rank.features)
 
 
@@ -122,10 +122,10 @@ def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeat
     existing index of this dataset's KB for the checkpoint instead of building a temporary one.
     """
     if name_prior_weight < 0 or (name_prior_weight and method in BASELINES):
-        raise ValueError("name_prior_weight must be >= 0 and applies to trained models only, "
+        raise UsageError("name_prior_weight must be >= 0 and applies to trained models only, "
                          f"got {name_prior_weight} for {method!r}")
     if first_stage is not None and first_stage not in FIRST_STAGES:
-        raise ValueError(f"unknown first stage {first_stage!r}; available: {', '.join(FIRST_STAGES)}")
+        raise UsageError(f"unknown first stage {first_stage!r}; available: {', '.join(FIRST_STAGES)}")
     if features is not None:
         features.check_dataset(dataset)
     to_rank = SplitToRank.of(dataset, split, features, sample, seed)
@@ -284,7 +284,7 @@ def ranking_from_links(linked: Sequence[LinkResult], gold_rows: np.ndarray, kb_q
 
 def _require_features(features: DatasetFeatures | None, to_rank: SplitToRank) -> None:
     if features is None or to_rank.features is None:
-        raise ValueError("a trained model reads features: pass --features (built by `mmel features build`)")
+        raise UsageError("a trained model reads features: pass --features (built by `mmel features build`)")
 
 
 @dataclass
@@ -320,7 +320,7 @@ def tune_name_prior(dataset: Dataset, split: str, checkpoint: Path, features: Da
     the chosen weight gives, in an index, exactly the ranking it was chosen for.
     """
     if not weights or min(weights) < 0:
-        raise ValueError(f"give one or more weights >= 0, got {list(weights)}")
+        raise UsageError(f"give one or more weights >= 0, got {list(weights)}")
     features.check_dataset(dataset)
     _check_features_fit(checkpoint, features)
     to_rank = SplitToRank.of(dataset, split, features)
@@ -347,6 +347,34 @@ def _reordered(result: LinkResult, matches: list[float], weight: float) -> LinkR
     return dataclasses.replace(result, candidates=candidates)
 
 
+def features_for(store: Path, dataset: Dataset, method: str, view_id: str | None = None) -> DatasetFeatures:
+    """The feature view of `dataset` in `store` that `method` reads.
+
+    For a checkpoint: the view with its backbone, template, max length and further views; for a
+    baseline: the `mimic` template's view (dense and name-match read only global vectors). Several
+    fitting views (e.g. float16 and float32) need `view_id`.
+    """
+    views = list_views(store).get(dataset.name, [])
+    if view_id is not None:
+        return open_features(store, dataset.name, view_id=view_id)
+    fitting = [view for view in views if _view_fits(open_features(store, dataset.name, view_id=view), method)]
+    if len(fitting) != 1:
+        raise MismatchError(f"{store}: {len(fitting)} feature views of {dataset.name!r} fit {method} "
+                            f"({', '.join(fitting) or 'none'}; all: {', '.join(views) or 'none'}); "
+                            "build one with `mmel features build`, or name one with --feature-view")
+    return open_features(store, dataset.name, view_id=fitting[0])
+
+
+def _view_fits(features: DatasetFeatures, method: str) -> bool:
+    if method in BASELINES:
+        return features.template.name == "mimic"
+    try:
+        _check_features_fit(Path(method), features)
+    except MismatchError:
+        return False
+    return True
+
+
 def _check_features_fit(checkpoint: Path, features: DatasetFeatures) -> None:
     """Refuse features made with another backbone, text template or max length than the model was trained on."""
     spec = ModelSpec.read(checkpoint)
@@ -363,5 +391,14 @@ def _check_features_fit(checkpoint: Path, features: DatasetFeatures) -> None:
                             "rebuild the features with the model's backbone and preprocessing")
 
 
-__all__ = ["BASELINES", "NamePriorTuning", "RowSubset", "SplitToRank", "evaluate", "ranking_from_links",
-           "served_linker", "tune_name_prior"]
+__all__ = [
+    "BASELINES",
+    "NamePriorTuning",
+    "RowSubset",
+    "SplitToRank",
+    "evaluate",
+    "features_for",
+    "ranking_from_links",
+    "served_linker",
+    "tune_name_prior",
+]

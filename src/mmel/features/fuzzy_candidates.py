@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from rapidfuzz import fuzz, process, utils
 
+from mmel.core.errors import UsageError
 from mmel.evaluation import top_k_per_row
 
 DIM_CANDIDATES = 100   # search_top100 (§4.6, §4.7)
@@ -42,9 +43,9 @@ class FuzzyNameIndex:
         [m, N] score block of one chunk of distinct surfaces is the largest array held.
         """
         if k < 1 or mention_chunk < 1:
-            raise ValueError(f"k and mention_chunk must be >= 1, got k={k}, mention_chunk={mention_chunk}")
+            raise UsageError(f"k and mention_chunk must be >= 1, got k={k}, mention_chunk={mention_chunk}")
         if not self.processed_names:
-            raise ValueError("FuzzyNameIndex has no entity names to search")
+            raise UsageError("FuzzyNameIndex has no entity names to search")
         distinct, inverse = np.unique(np.asarray(list(surfaces), dtype=object), return_inverse=True)
         keep = min(k, len(self.processed_names))
         rows = np.empty((len(distinct), keep), dtype=np.int64)

@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmel.backbones.base import Backbone, ImageFeatures, TextFeatures
-from mmel.core.errors import DataError, MismatchError
+from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, PooledView
 from mmel.core.images import ImageReport, decode_image_bytes, read_image_bytes
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
@@ -182,9 +182,9 @@ def encode_items(backbone: Backbone, texts: Sequence[str], images: Sequence[Imag
     `extra_texts` maps a further view's name to each item's text in it (None: absent), pooled.
     """
     if len(texts) != len(images):
-        raise ValueError(f"encode_items needs one image (or None) per text: {len(texts)} texts, {len(images)} images")
+        raise UsageError(f"encode_items needs one image (or None) per text: {len(texts)} texts, {len(images)} images")
     if not texts:
-        raise ValueError("encode_items needs at least one item")
+        raise UsageError("encode_items needs at least one item")
     text_parts = list(encode_text_batches(backbone, texts, max_text_length, batch_size))
     has_image = torch.tensor([image is not None for image in images], dtype=torch.bool)   # [B]
     blank = backbone.encode_blank_images(1)
@@ -484,13 +484,13 @@ def _texts_checksum(texts: Sequence[str | None]) -> str:
 def _check_build_options(dataset_name: str, dtype: str, batch_size: int, image_batch_size: int, shard_size: int,
                          max_text_length: int) -> None:
     if not _SAFE_NAME.match(dataset_name):
-        raise ValueError(f"dataset name {dataset_name!r} cannot name a store directory; use letters, digits, . _ + -")
+        raise UsageError(f"dataset name {dataset_name!r} cannot name a store directory; use letters, digits, . _ + -")
     if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"unknown storage dtype {dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
+        raise UsageError(f"unknown storage dtype {dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
     for name, value in (("batch_size", batch_size), ("image_batch_size", image_batch_size),
                         ("shard_size", shard_size), ("max_text_length", max_text_length)):
         if value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise UsageError(f"{name} must be positive, got {value}")
 
 
 def _dataset_tables(dataset: Dataset, template: TextTemplate, splits: Sequence[str]) -> dict[str, list[_Item]]:
@@ -685,7 +685,7 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
     previous = torch.get_num_threads()
     if num_threads is not None:
         if num_threads < 1:
-            raise ValueError(f"num_threads must be positive, got {num_threads}")
+            raise UsageError(f"num_threads must be positive, got {num_threads}")
         torch.set_num_threads(num_threads)
     try:
         yield

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from mmel.core.errors import UsageError
 from mmel.core.features import FeatureViews
 from mmel.core.registry import UnknownNameError
 from mmel.core.types import Entity, Mention
@@ -37,7 +38,7 @@ class TextTemplate:
 
     def __post_init__(self) -> None:
         if self.entity_field not in ENTITY_TEXT_FIELDS:
-            raise ValueError(f"unknown entity text field {self.entity_field!r}; "
+            raise UsageError(f"unknown entity text field {self.entity_field!r}; "
                              f"use one of {', '.join(ENTITY_TEXT_FIELDS)}")
 
     def mention_text(self, mention: Mention) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mmel.core.errors import MismatchError
+from mmel.core.errors import MismatchError, NotFoundError
 from mmel.models.base import MelModel
 from mmel.models.m3el import M3ELModel
 from mmel.models.mimic import MIMICModel
@@ -298,7 +298,7 @@ class ImportReport:
 
 def _release(name: str) -> OfficialRelease:
     if name not in OFFICIAL_RELEASES:
-        raise KeyError(f"unknown official release {name!r}; available: {', '.join(sorted(OFFICIAL_RELEASES))}")
+        raise NotFoundError(f"unknown official release {name!r}; available: {', '.join(sorted(OFFICIAL_RELEASES))}")
     return OFFICIAL_RELEASES[name]
 
 

@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 import bm25s
 import numpy as np
 
-from mmel.core.errors import MismatchError
+from mmel.core.errors import MismatchError, UsageError
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
 from mmel.evaluation import (
@@ -63,7 +63,7 @@ class BM25Settings:
 def entity_text(entity: Entity, fields: EntityFields) -> str:
     """The text indexed for an entity: its name, or name + attributes + description."""
     if fields not in ENTITY_FIELDS:
-        raise ValueError(f"unknown BM25 fields {fields!r}; use one of: {', '.join(ENTITY_FIELDS)}")
+        raise UsageError(f"unknown BM25 fields {fields!r}; use one of: {', '.join(ENTITY_FIELDS)}")
     if fields == "name":
         return entity.name
     parts = [entity.name, entity.attributes]
@@ -75,7 +75,7 @@ def entity_text(entity: Entity, fields: EntityFields) -> str:
 def query_text(mention: Mention, mode: QueryMode = DEFAULT_QUERY_MODE) -> str:
     """The BM25 query of a mention: its surface form, or surface form + sentence."""
     if mode not in QUERY_MODES:
-        raise ValueError(f"unknown BM25 query mode {mode!r}; use one of: {', '.join(QUERY_MODES)}")
+        raise UsageError(f"unknown BM25 query mode {mode!r}; use one of: {', '.join(QUERY_MODES)}")
     return mention.surface if mode == "surface" else f"{mention.surface} {mention.sentence}"
 
 
@@ -107,7 +107,7 @@ class BM25Index:
     def build(cls, kb: KnowledgeBase, fields: EntityFields = "name", *, k1: float = 1.5,
               b: float = 0.75) -> BM25Index:
         if len(kb) == 0:
-            raise ValueError("cannot build a BM25 index over an empty knowledge base")
+            raise UsageError("cannot build a BM25 index over an empty knowledge base")
         settings = BM25Settings(fields=fields, k1=k1, b=b)
         corpus = _tokenize([entity_text(entity, fields) for entity in kb])
         retriever = bm25s.BM25(k1=k1, b=b)
@@ -127,7 +127,7 @@ class BM25Index:
     def search(self, queries: Sequence[str], k: int) -> SearchHits:
         """The k best entities per query (ties: lower KB row first)."""
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise UsageError(f"k must be >= 1, got {k}")
         rows, scores = top_k_per_row(self.scores(queries), k)
         return SearchHits(rows=rows, scores=scores)
 

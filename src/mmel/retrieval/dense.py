@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmel.core.errors import UsageError
 from mmel.core.features import FeatureTable, unit_rows
 from mmel.evaluation.protocols import ScoreBlock
 
@@ -29,7 +30,7 @@ class DenseScorer:
 
     def __init__(self, entities: FeatureTable, *, block_size: int = 65_536):
         if block_size < 1:
-            raise ValueError(f"block_size must be positive, got {block_size}")
+            raise UsageError(f"block_size must be positive, got {block_size}")
         self.entity_matrix = entities.text_global_matrix()   # [N, D], possibly memory-mapped float16
         self.block_size = block_size
 
@@ -40,10 +41,10 @@ class DenseScorer:
     def score_block(self, mention_vectors: np.ndarray, start: int, stop: int) -> np.ndarray:
         """[b, stop - start] cosine of each mention vector with entity rows [start, stop)."""
         if not 0 <= start <= stop <= self.num_entities:
-            raise ValueError(f"entity block [{start}, {stop}) is outside 0..{self.num_entities}")
+            raise UsageError(f"entity block [{start}, {stop}) is outside 0..{self.num_entities}")
         queries = _checked_unit_rows(np.asarray(mention_vectors, dtype=np.float32), "mention_vectors")  # [b, D]
         if queries.shape[1] != self.entity_matrix.shape[1]:
-            raise ValueError(f"mention vectors have width {queries.shape[1]}, entity vectors "
+            raise UsageError(f"mention vectors have width {queries.shape[1]}, entity vectors "
                              f"{self.entity_matrix.shape[1]}: they come from different backbones")
         block = _checked_unit_rows(np.asarray(self.entity_matrix[start:stop], dtype=np.float32),
                                    "entity vectors")                                          # [n, D]
@@ -52,7 +53,7 @@ class DenseScorer:
     def search(self, mention_vectors: np.ndarray, k: int) -> DenseHits:
         """The k best entities per mention over the whole KB, scanned block by block."""
         if k < 1:
-            raise ValueError(f"k must be positive, got {k}")
+            raise UsageError(f"k must be positive, got {k}")
         k = min(k, self.num_entities)
         count = len(mention_vectors)
         best_scores = np.empty((count, 0), dtype=np.float32)
@@ -76,7 +77,7 @@ class DenseScorer:
 
 def _checked_unit_rows(vectors: np.ndarray, name: str) -> np.ndarray:
     if vectors.ndim != 2:
-        raise ValueError(f"{name} must be a [rows, width] matrix, got shape {vectors.shape}")
+        raise UsageError(f"{name} must be a [rows, width] matrix, got shape {vectors.shape}")
     return unit_rows(vectors)
 
 

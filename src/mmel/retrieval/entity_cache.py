@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmel.core.errors import DataError, MismatchError
+from mmel.core.errors import DataError, MismatchError, NotFoundError, UsageError
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.models.base import MelModel
 
@@ -80,7 +80,7 @@ class EntityCacheStore:
 
     def __init__(self, directory: Path, layout: CacheLayout, storage_dtype: str):
         if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"unknown cache storage dtype {storage_dtype!r}; available: {', '.join(STORAGE_DTYPES)}")
+            raise UsageError(f"unknown cache storage dtype {storage_dtype!r}; available: {', '.join(STORAGE_DTYPES)}")
         self.directory = Path(directory)
         self.layout = layout
         self.storage_dtype = storage_dtype
@@ -134,7 +134,7 @@ class EntityCacheStore:
         try:
             places = [self._location[qid] for qid in qids]
         except KeyError as error:
-            raise KeyError(f"QID {error.args[0]!r} has no cached rows in {self.directory}") from None
+            raise NotFoundError(f"QID {error.args[0]!r} has no cached rows in {self.directory}") from None
         segments = np.array([segment for segment, _ in places], dtype=np.int64)     # [K]
         rows = np.array([row for _, row in places], dtype=np.int64)                 # [K]
         columns = {}
@@ -189,7 +189,7 @@ class EntityCacheStore:
             start = 0
             for cache in caches:
                 if start + len(cache) > len(qids):
-                    raise ValueError(f"more cached rows than the {len(qids)} QIDs")
+                    raise UsageError(f"more cached rows than the {len(qids)} QIDs")
                 for field_name, array in arrays.items():
                     values = getattr(cache, field_name)
                     if tuple(values.shape[1:]) != array.shape[1:]:
@@ -200,7 +200,7 @@ class EntityCacheStore:
                     array[start:start + len(cache)] = values.detach().cpu().numpy()
                 start += len(cache)
             if start != len(qids):
-                raise ValueError(f"{len(qids)} QIDs but {start} cached rows")
+                raise UsageError(f"{len(qids)} QIDs but {start} cached rows")
             for array in arrays.values():
                 array.flush()
             del arrays

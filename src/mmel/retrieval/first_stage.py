@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmel.core.errors import UsageError
 from mmel.core.types import Mention
+from mmel.retrieval import FIRST_STAGES
 from mmel.retrieval.bm25 import BM25Index, query_text
 from mmel.retrieval.index import VectorIndex
 
 RRF_CONSTANT = 60          # reciprocal-rank fusion: score = sum over first stages of 1 / (60 + rank)
-FIRST_STAGES = ("dense", "bm25", "hybrid")
 
 Shortlist = list[tuple[str, float]]
 """(QID, first-stage score) pairs of one mention, best first."""
@@ -41,11 +42,11 @@ class FirstStage:
 
     def __post_init__(self) -> None:
         if self.kind not in FIRST_STAGES:
-            raise ValueError(f"unknown first stage {self.kind!r}; available: {', '.join(FIRST_STAGES)}")
+            raise UsageError(f"unknown first stage {self.kind!r}; available: {', '.join(FIRST_STAGES)}")
         if self.kind != "bm25" and self.vectors is None:
-            raise ValueError(f"the {self.kind} first stage needs the dense vector index")
+            raise UsageError(f"the {self.kind} first stage needs the dense vector index")
         if self.kind != "dense" and self.bm25 is None:
-            raise ValueError(f"the {self.kind} first stage needs the BM25 index")
+            raise UsageError(f"the {self.kind} first stage needs the BM25 index")
 
     def retrieve(self, mentions: list[Mention], query_vectors: np.ndarray, k: int) -> list[Shortlist]:
         """Up to `k` candidates per mention, best first; `query_vectors` [B, Dt]: the mentions' global text vectors."""

@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mmel.core.config import ConfigBase, ConfigError
-from mmel.core.errors import DataError, MismatchError
+from mmel.core.errors import DataError, MismatchError, NotFoundError, UsageError
 from mmel.core.manifest import read_manifest
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 
@@ -206,7 +206,7 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """The `k` most similar live entities for each query in `queries` [Q, D] (normalised here)."""
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise UsageError(f"k must be at least 1, got {k}")
         queries = _normalised(_as_matrix(queries, "queries", expected_dim=self.dim), "queries")
         with self._lock.reading():
             k_reachable = min(k, len(self._id_by_qid))
@@ -277,7 +277,7 @@ class VectorIndex:
         qids = _checked_batch(vectors, qids)
         present = [qid for qid in qids if qid in self._id_by_qid]
         if present:
-            raise ValueError(f"{len(present)} QID(s) already indexed, e.g. {present[:5]}; use update() to replace")
+            raise UsageError(f"{len(present)} QID(s) already indexed, e.g. {present[:5]}; use update() to replace")
         self._insert_locked(vectors, qids, progress=progress)
 
     def _insert_locked(self, vectors: np.ndarray, qids: list[str], *, progress: bool) -> None:
@@ -307,7 +307,7 @@ class VectorIndex:
     def _check_present(self, qids: list[str]) -> None:
         missing = [qid for qid in qids if qid not in self._id_by_qid]
         if missing:
-            raise KeyError(f"{len(missing)} QID(s) not in the index, e.g. {missing[:5]}")
+            raise NotFoundError(f"{len(missing)} QID(s) not in the index, e.g. {missing[:5]}")
 
     def _compact_locked(self) -> None:
         if self.kind != "hnsw" or not self._tombstones:
@@ -418,7 +418,7 @@ def _new_faiss_index(kind: str, dim: int, config: IndexConfig, training_vectors:
 
 def _trained_ivf_index(dim: int, config: IndexConfig, vectors: np.ndarray) -> faiss.Index:
     if len(vectors) < _IVF_MIN_POINTS_PER_LIST:
-        raise ValueError(f"an 'ivf' index needs at least {_IVF_MIN_POINTS_PER_LIST} vectors to train, got "
+        raise UsageError(f"an 'ivf' index needs at least {_IVF_MIN_POINTS_PER_LIST} vectors to train, got "
                          f"{len(vectors)}; use kind 'flat' for a KB this small")
     rng = np.random.default_rng(config.seed)
     sample_size = min(len(vectors), config.ivf_max_train_vectors)
@@ -437,11 +437,11 @@ def _trained_ivf_index(dim: int, config: IndexConfig, vectors: np.ndarray) -> fa
 def _as_matrix(array: np.ndarray, name: str, *, expected_dim: int | None = None) -> np.ndarray:
     array = np.asarray(array)
     if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [rows, dim], got shape {array.shape}")
+        raise UsageError(f"{name} must be a 2-D array [rows, dim], got shape {array.shape}")
     if expected_dim is not None and array.shape[1] != expected_dim:
-        raise ValueError(f"{name} have width {array.shape[1]} but the index holds {expected_dim}-dim vectors")
+        raise UsageError(f"{name} have width {array.shape[1]} but the index holds {expected_dim}-dim vectors")
     if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{name} must be floating point, got {array.dtype}")
+        raise UsageError(f"{name} must be floating point, got {array.dtype}")
     return array
 
 
@@ -449,7 +449,7 @@ def _checked_batch(vectors: np.ndarray, qids: Sequence[str]) -> list[str]:
     """Validate a batch to insert (QIDs, counts, every row usable) without copying the vectors."""
     qids = _unique_qids(qids, "qids")
     if len(qids) != len(vectors):
-        raise ValueError(f"got {len(vectors)} vectors but {len(qids)} QIDs")
+        raise UsageError(f"got {len(vectors)} vectors but {len(qids)} QIDs")
     for start in range(0, len(vectors), ADD_CHUNK_SIZE):
         _normalised(vectors[start:start + ADD_CHUNK_SIZE], "vectors", first_row=start)
     return qids
@@ -460,11 +460,11 @@ def _normalised(vectors: np.ndarray, name: str, *, first_row: int = 0) -> np.nda
     matrix = np.array(vectors, dtype=np.float32, order="C")  # copy: never change the caller's array
     bad = ~np.isfinite(matrix).all(axis=1)
     if bad.any():
-        raise ValueError(f"{name} rows {(np.flatnonzero(bad)[:5] + first_row).tolist()} contain NaN or inf")
+        raise UsageError(f"{name} rows {(np.flatnonzero(bad)[:5] + first_row).tolist()} contain NaN or inf")
     norms = np.linalg.norm(matrix, axis=1)
     zero = norms == 0
     if zero.any():
-        raise ValueError(f"{name} rows {(np.flatnonzero(zero)[:5] + first_row).tolist()} are all zeros "
+        raise UsageError(f"{name} rows {(np.flatnonzero(zero)[:5] + first_row).tolist()} are all zeros "
                          "and have no direction to compare")
     matrix /= norms[:, None]
     return matrix
@@ -474,10 +474,10 @@ def _unique_qids(qids: Sequence[str], name: str) -> list[str]:
     qids = list(qids)
     bad = [qid for qid in qids if not isinstance(qid, str) or not qid]
     if bad:
-        raise ValueError(f"{name} must be non-empty strings, got {bad[:5]}")
+        raise UsageError(f"{name} must be non-empty strings, got {bad[:5]}")
     duplicates = [qid for qid, count in Counter(qids).items() if count > 1]
     if duplicates:
-        raise ValueError(f"{name} contain duplicates, e.g. {duplicates[:5]}")
+        raise UsageError(f"{name} contain duplicates, e.g. {duplicates[:5]}")
     return qids
 
 
@@ -486,7 +486,7 @@ def _json_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     try:
         return json.loads(json.dumps(dict(metadata)))
     except TypeError as error:
-        raise ValueError(f"index metadata must be JSON-serialisable: {error}") from None
+        raise UsageError(f"index metadata must be JSON-serialisable: {error}") from None
 
 
 __all__ = ["INDEX_KINDS", "IndexConfig", "SearchResult", "VectorIndex", "check_expected_metadata",

@@ -38,7 +38,7 @@ from mmel.backbones import load_backbone
 from mmel.backbones.base import Backbone
 from mmel.core.checkpoint import WEIGHTS_FILE, read_checkpoint_header
 from mmel.core.config import ConfigBase, ConfigError
-from mmel.core.errors import DataError, MismatchError
+from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, FeatureTable, FeatureViews
 from mmel.core.images import ImageReport, load_image
 from mmel.core.manifest import read_manifest as read_versioned_manifest
@@ -48,6 +48,7 @@ from mmel.features.store import build_features, encode_items
 from mmel.features.templates import TextTemplate, extra_view_texts, get_template, template_for_views
 from mmel.models import MODELS, load_model
 from mmel.models.base import MelModel
+from mmel.retrieval import FIRST_STAGES
 from mmel.retrieval.bm25 import BM25Index
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
 from mmel.retrieval.index import INDEX_KINDS, IndexConfig, VectorIndex, read_index_manifest
@@ -64,7 +65,6 @@ BM25_DIR = "bm25"
 ENTITIES_FILE = "entities.sqlite"
 CACHE_DIR = "entity_cache"
 NIL_FILE = "nil.json"
-FIRST_STAGES = ("dense", "bm25", "hybrid")
 RERANKERS = ("model", "none")
 CACHE_DTYPES = ("auto", "float32", "float16")
 CHANGE_LOG_LENGTH = 100   # manifest keeps the last this many add/remove records
@@ -303,7 +303,7 @@ def _check_buildable(dataset: Dataset, features_store: Path | None, entity_featu
         raise DataError(f"{len(kb.duplicate_qids)} duplicate QIDs in the knowledge base, e.g. "
                         f"{list(kb.duplicate_qids[:5])}", path=dataset.root)
     if entity_features is not None and features_store is not None:
-        raise ValueError("give entity features either as a feature store or as a table, not both")
+        raise UsageError("give entity features either as a feature store or as a table, not both")
     if entity_features is not None and len(entity_features) != len(kb):
         raise MismatchError(f"the entity feature table has {len(entity_features)} rows but the knowledge base has "
                             f"{len(kb)} entities; they must be in KB row order")

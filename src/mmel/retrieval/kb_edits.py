@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmel.backbones.base import Backbone
-from mmel.core.errors import DataError
+from mmel.core.errors import DataError, NotFoundError
 from mmel.core.images import ImageReport
 from mmel.core.types import Entity, KnowledgeBase
 from mmel.models.base import MelModel
@@ -105,7 +105,7 @@ class KBEdits:
         with self._lock:
             unknown = [qid for qid in qids if qid not in self._vectors]
             if unknown:
-                raise KeyError(f"{len(unknown)} QID(s) are not in the index, e.g. {unknown[:5]}; nothing removed")
+                raise NotFoundError(f"{len(unknown)} QID(s) are not in the index, e.g. {unknown[:5]}; nothing removed")
             self._vectors.remove(qids)
             self._vectors.save(self.directory / VECTORS_DIR)
             self._store.delete(qids)

@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mmel.core.errors import DataError, MismatchError
+from mmel.core.errors import DataError, MismatchError, NotFoundError
 from mmel.core.types import Entity
 
 SCHEMA_VERSION = 1
@@ -211,7 +211,8 @@ class EntityStore:
                 marks = ",".join("?" * len(chunk))
                 deleted += self._connection.execute(f"DELETE FROM entities WHERE qid IN ({marks})", chunk).rowcount
             if deleted != len(qids):  # raising inside `with connection` rolls the transaction back
-                raise KeyError(f"{len(qids) - deleted} of {len(qids)} QID(s) are not in {self.path}; nothing deleted")
+                raise NotFoundError(f"{len(qids) - deleted} of {len(qids)} QID(s) are not in {self.path}; "
+                                    "nothing deleted")
         return deleted
 
 

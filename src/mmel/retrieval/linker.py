@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmel.backbones.base import Backbone, ImageFeatures
-from mmel.core.errors import DataError, MismatchError
+from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Candidate, Entity, LinkResult, Mention, locate_span
@@ -232,7 +232,7 @@ class Linker(KBEdits):
         check_k(top_k, candidates_k)
         mentions = list(mentions)
         if len(features) != len(mentions):
-            raise ValueError(f"{len(mentions)} mentions but {len(features)} feature rows")
+            raise UsageError(f"{len(mentions)} mentions but {len(features)} feature rows")
         results: list[LinkResult] = []
         with self._lock, torch.inference_mode():
             for start in tqdm(range(0, len(mentions), batch_size), desc="linking", unit="batch",
@@ -342,7 +342,7 @@ class Linker(KBEdits):
         """
         mentions = list(mentions)
         if not mentions:
-            raise ValueError("calibrate_nil needs at least one dev mention")
+            raise UsageError("calibrate_nil needs at least one dev mention")
         simulated = choose_simulated_nil(len(mentions), nil_fraction, seed=seed)
         results = self.link_mentions(mentions, images_root, top_k=3, candidates_k=candidates_k, progress=progress)
         scores, correct, is_nil = [], [], []

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mmel.core.errors import DataError
+from mmel.core.errors import DataError, UsageError
 from mmel.core.paths import atomic_write_bytes, atomic_write_json, read_json
 
 NIL_CRITERIA = ("accuracy", "precision")
@@ -52,7 +52,7 @@ def nil_statistic(ranked_scores: list[float] | np.ndarray, statistic: str) -> fl
     'margin' of a lone candidate is +inf (nothing competes with it); no candidate gives -inf.
     """
     if statistic not in NIL_STATISTICS:
-        raise ValueError(f"unknown NIL statistic {statistic!r}; available: {', '.join(NIL_STATISTICS)}")
+        raise UsageError(f"unknown NIL statistic {statistic!r}; available: {', '.join(NIL_STATISTICS)}")
     if len(ranked_scores) == 0:
         return float("-inf")
     if statistic == "score":
@@ -196,13 +196,13 @@ def calibrate_nil(top1_scores: np.ndarray, top1_correct: np.ndarray, is_nil: np.
     `top1_scores` holds each mention's `statistic` (see the module doc).
     """
     if statistic not in NIL_STATISTICS:
-        raise ValueError(f"unknown NIL statistic {statistic!r}; available: {', '.join(NIL_STATISTICS)}")
+        raise UsageError(f"unknown NIL statistic {statistic!r}; available: {', '.join(NIL_STATISTICS)}")
     if criterion not in NIL_CRITERIA:
-        raise ValueError(f"unknown NIL criterion {criterion!r}; available: {', '.join(NIL_CRITERIA)}")
+        raise UsageError(f"unknown NIL criterion {criterion!r}; available: {', '.join(NIL_CRITERIA)}")
     if (criterion == "precision") != (target_precision is not None):
-        raise ValueError("target_precision is required with criterion 'precision' and meaningless otherwise")
+        raise UsageError("target_precision is required with criterion 'precision' and meaningless otherwise")
     if target_precision is not None and not 0.0 < target_precision <= 1.0:
-        raise ValueError(f"target_precision must be in (0, 1], got {target_precision}")
+        raise UsageError(f"target_precision must be in (0, 1], got {target_precision}")
     curve = nil_curve(top1_scores, top1_correct, is_nil)
     chosen = _choose(curve, criterion, target_precision)
     nil = np.asarray(is_nil, dtype=bool)
@@ -214,7 +214,7 @@ def calibrate_nil(top1_scores: np.ndarray, top1_correct: np.ndarray, is_nil: np.
 def choose_simulated_nil(num_mentions: int, nil_fraction: float, *, seed: int = 0) -> np.ndarray:
     """A [num_mentions] bool mask of mentions to treat as NIL (rank them with their gold entity removed)."""
     if not 0.0 < nil_fraction < 1.0:
-        raise ValueError(f"nil_fraction must be between 0 and 1 (exclusive), got {nil_fraction}")
+        raise UsageError(f"nil_fraction must be between 0 and 1 (exclusive), got {nil_fraction}")
     mask = np.zeros(num_mentions, dtype=bool)
     chosen = np.random.default_rng(seed).choice(num_mentions, size=round(num_mentions * nil_fraction), replace=False)
     mask[chosen] = True
@@ -227,17 +227,17 @@ def _checked_inputs(top1_scores: np.ndarray, top1_correct: np.ndarray,
     correct = np.asarray(top1_correct)
     nil = np.asarray(is_nil)
     if scores.ndim != 1 or correct.shape != scores.shape or nil.shape != scores.shape:
-        raise ValueError(f"top1_scores, top1_correct and is_nil must be 1-D of one length, got shapes "
+        raise UsageError(f"top1_scores, top1_correct and is_nil must be 1-D of one length, got shapes "
                          f"{scores.shape}, {correct.shape}, {nil.shape}")
     if len(scores) == 0:
-        raise ValueError("cannot calibrate a NIL threshold on zero mentions")
+        raise UsageError("cannot calibrate a NIL threshold on zero mentions")
     if correct.dtype != bool or nil.dtype != bool:
-        raise ValueError(f"top1_correct and is_nil must be bool arrays, got {correct.dtype} and {nil.dtype}")
+        raise UsageError(f"top1_correct and is_nil must be bool arrays, got {correct.dtype} and {nil.dtype}")
     if not np.isfinite(scores).all():
-        raise ValueError(f"top1_scores rows {np.flatnonzero(~np.isfinite(scores))[:5].tolist()} are NaN or inf")
+        raise UsageError(f"top1_scores rows {np.flatnonzero(~np.isfinite(scores))[:5].tolist()} are NaN or inf")
     contradictory = np.flatnonzero(correct & nil)
     if len(contradictory):
-        raise ValueError(f"mentions {contradictory[:5].tolist()} are NIL yet have a correct top-1 candidate")
+        raise UsageError(f"mentions {contradictory[:5].tolist()} are NIL yet have a correct top-1 candidate")
     return scores, correct, nil
 
 
@@ -274,7 +274,7 @@ def _choose(curve: list[NilCurvePoint], criterion: str, target_precision: float 
     reaching = [point for point in answering if point.link_precision >= target_precision]
     if not reaching:
         best = max(point.link_precision for point in answering)
-        raise ValueError(f"no threshold reaches link precision {target_precision:g} on these dev mentions "
+        raise UsageError(f"no threshold reaches link precision {target_precision:g} on these dev mentions "
                          f"(best: {best:.3f}); lower the target or use criterion 'accuracy'")
     return max(reaching, key=lambda point: point.link_recall)
 

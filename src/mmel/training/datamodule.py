@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mmel.core.errors import UsageError
 from mmel.core.features import FeatureBatch, unit_rows
 from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Dataset
@@ -77,9 +78,9 @@ class ItemTable:
     def __init__(self, texts: list[str], image_options: list[tuple[str, ...]], root: Path, *,
                  image_choice: str = "first"):
         if image_choice not in ("first", "random"):
-            raise ValueError(f"image_choice must be 'first' or 'random', got {image_choice!r}")
+            raise UsageError(f"image_choice must be 'first' or 'random', got {image_choice!r}")
         if len(texts) != len(image_options):
-            raise ValueError(f"{len(texts)} texts but {len(image_options)} image lists")
+            raise UsageError(f"{len(texts)} texts but {len(image_options)} image lists")
         self.texts = texts
         self.image_options = image_options
         self.root = Path(root)
@@ -127,7 +128,7 @@ class LinkedSplit:
     def __post_init__(self) -> None:
         self.gold_rows = np.asarray(self.gold_rows, dtype=np.int64)
         if len(self.gold_rows) != len(self.table):
-            raise ValueError(f"split {self.name!r}: {len(self.gold_rows)} gold rows for {len(self.table)} mentions")
+            raise UsageError(f"split {self.name!r}: {len(self.gold_rows)} gold rows for {len(self.table)} mentions")
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, split: str, table: InputTable) -> LinkedSplit:
@@ -195,7 +196,7 @@ class MelDataModule(L.LightningDataModule):
         self.validation_config = validation or ValidationSection()
         _check_fraction(self.data_config.train_fraction)
         if not 0 <= self.data_config.hard_negatives <= self.data_config.hard_negative_pool:
-            raise ValueError(f"data.hard_negatives must be between 0 and data.hard_negative_pool "
+            raise UsageError(f"data.hard_negatives must be between 0 and data.hard_negative_pool "
                              f"({self.data_config.hard_negative_pool}), got {self.data_config.hard_negatives}")
         self.train_rows = np.zeros(0, dtype=np.int64)
         self.dev_rows = np.zeros(0, dtype=np.int64)
@@ -211,7 +212,7 @@ class MelDataModule(L.LightningDataModule):
         if self.data_config.hard_negative_source == "tfidf":
             if self.tfidf_sampler is None:
                 if self.entity_texts is None:
-                    raise ValueError("data.hard_negative_source 'tfidf' needs the KB's entity texts (entity_texts)")
+                    raise UsageError("data.hard_negative_source 'tfidf' needs the KB's entity texts (entity_texts)")
                 self.tfidf_sampler = TfidfNegativeSampler().fit(list(self.entity_texts))
         elif self.hard_negative_pools is None:
             self.hard_negative_pools = self._mine_hard_negative_pools()
@@ -220,12 +221,12 @@ class MelDataModule(L.LightningDataModule):
         """[M_train, pool] the KB rows nearest to each train mention by global text vector (gold excluded)."""
         tables = (self.train_split.table, self.train_entities)
         if not all(hasattr(table, "text_global_matrix") for table in tables):
-            raise ValueError("data.hard_negatives needs features from the store (text_global_matrix); "
+            raise UsageError("data.hard_negatives needs features from the store (text_global_matrix); "
                              "set it to 0 when the backbone is trained end to end")
         prior = None
         if self.data_config.hard_negative_source == "name":
             if self.entity_names is None or self.train_split.surfaces is None:
-                raise ValueError("data.hard_negative_source 'name' needs the KB's entity names (entity_names) "
+                raise UsageError("data.hard_negative_source 'name' needs the KB's entity names (entity_names) "
                                  "and the train mentions' surface forms (LinkedSplit.from_dataset)")
             prior = NameMatchIndex(self.entity_names).score_block(self.train_split.surfaces)
         return nearest_entities(self.train_split.table.text_global_matrix(), self.train_entities.text_global_matrix(),
@@ -239,7 +240,7 @@ class MelDataModule(L.LightningDataModule):
         _warn_skipped(split.name, counts)
         rows = prefix[split.gold_rows[prefix] >= 0]
         if len(rows) == 0:
-            raise ValueError(f"split {split.name!r} has no mention with a gold entity in the KB to train on "
+            raise UsageError(f"split {split.name!r} has no mention with a gold entity in the KB to train on "
                              f"({counts})")
         return rows, counts
 
@@ -299,7 +300,7 @@ def nearest_entities(mention_vectors: np.ndarray, entity_vectors: np.ndarray, go
     entities = unit_rows(entity_vectors)                                               # [N, D]
     pool = min(pool, len(entities) - 1)
     if pool < 1:
-        raise ValueError("hard negatives need a knowledge base of at least two entities")
+        raise UsageError("hard negatives need a knowledge base of at least two entities")
     result = np.empty((len(mention_vectors), pool), dtype=np.int64)
     for start in range(0, len(mention_vectors), block_size):
         stop = min(start + block_size, len(mention_vectors))
@@ -317,7 +318,7 @@ def nearest_entities(mention_vectors: np.ndarray, entity_vectors: np.ndarray, go
 
 def _check_fraction(fraction: float) -> None:
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction}")
+        raise UsageError(f"data.train_fraction must be in (0, 1], got {fraction}")
 
 
 def _warn_skipped(split: str, counts: dict[str, int]) -> None:

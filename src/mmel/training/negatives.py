@@ -29,6 +29,8 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
+from mmel.core.errors import UsageError
+
 WORD_PROBABILITY = 0.95   # share of negatives drawn through a TF-IDF word (§4.4)
 
 
@@ -37,7 +39,7 @@ class TfidfNegativeSampler:
 
     def __init__(self, word_probability: float = WORD_PROBABILITY, stop_words: str | None = "english"):
         if not 0.0 <= word_probability <= 1.0:
-            raise ValueError(f"word_probability must lie in [0, 1], got {word_probability}")
+            raise UsageError(f"word_probability must lie in [0, 1], got {word_probability}")
         self.word_probability = word_probability
         self.stop_words = stop_words
         self.num_entities = 0
@@ -45,11 +47,11 @@ class TfidfNegativeSampler:
     def fit(self, entity_texts: Sequence[str]) -> TfidfNegativeSampler:
         """Build the per-entity word weights [N, V] and the inverted index [V, N] of term counts."""
         if len(entity_texts) < 2:
-            raise ValueError(f"negative sampling needs at least 2 entities, got {len(entity_texts)}")
+            raise UsageError(f"negative sampling needs at least 2 entities, got {len(entity_texts)}")
         try:
             counts = CountVectorizer(stop_words=self.stop_words).fit_transform(entity_texts)   # [N, V] int
         except ValueError as error:
-            raise ValueError(f"no entity text has a word to index ({error}); check the entity texts") from None
+            raise UsageError(f"no entity text has a word to index ({error}); check the entity texts") from None
         counts = sparse.csr_matrix(counts, dtype=np.int64)
         weights = TfidfTransformer().fit_transform(counts)                                    # [N, V] float
         shared = np.asarray((counts > 0).sum(axis=0)).ravel() >= 2                            # [V]
@@ -82,7 +84,7 @@ class TfidfNegativeSampler:
         gold = np.asarray(gold_rows, dtype=np.int64)
         flat = gold.ravel()                                                                   # [S]
         if flat.size and (flat.min() < 0 or flat.max() >= self.num_entities):
-            raise ValueError(f"gold rows must lie in [0, {self.num_entities}), got {flat.min()}..{flat.max()}")
+            raise UsageError(f"gold rows must lie in [0, {self.num_entities}), got {flat.min()}..{flat.max()}")
         negatives = uniform_other_rows(flat, self.num_entities, rng)                          # [S]
         use_word = (rng.random(flat.size) < self.word_probability) & self._has_words[flat]
         if use_word.any():
