@@ -51,8 +51,10 @@ def randomised_model(dims: dict[str, int], *, seed: int = 0, dtype: torch.dtype 
 # --- a plain reference, written directly from the equations of models.md §1.3-1.7 ---------------
 
 
-def reference_mimic(weights: dict[str, torch.Tensor], mentions: FeatureBatch, entities: FeatureBatch
-                    ) -> dict[str, torch.Tensor]:
+def reference_mimic(weights: dict[str, torch.Tensor], mentions: FeatureBatch, entities: FeatureBatch,
+                    mask_missing_images: bool = False) -> dict[str, torch.Tensor]:
+    """The spec's scores; with `mask_missing_images`, mmel's documented option (MIMICConfig): no VDLU score for
+    a pair lacking an image, no CMFU image context for a side without one, final = (s_T + s_C + m s_V) / (2 + m)."""
     def linear(x: torch.Tensor, name: str) -> torch.Tensor:
         return x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
 
@@ -99,15 +101,21 @@ def reference_mimic(weights: dict[str, torch.Tensor], mentions: FeatureBatch, en
     s_v = (s_e2m.T + s_m2e) / 2
 
     # CMFU (§1.6)
-    def fused(t_cls: torch.Tensor, v_tok: torch.Tensor) -> torch.Tensor:
+    def fused(t_cls: torch.Tensor, v_tok: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         u = linear(t_cls, "cmfu.text_fc")
         p = linear(v_tok, "cmfu.image_fc")
         att = torch.softmax(u[:, None, :] @ p.transpose(1, 2), dim=-1)
         ctx = (att @ p).squeeze(1)
+        if mask_missing_images:
+            ctx = torch.where(has_image[:, None], ctx, torch.zeros_like(ctx))
         return layer_norm(u * torch.tanh(linear(u, "cmfu.gate_fc")) + ctx, "cmfu.gate_layer_norm")
 
-    s_c = fused(t_cls_m, v_tok_m) @ fused(t_cls_e, v_tok_e).T
-    return {"scores": (s_t + s_v + s_c) / 3, "tglu": s_t, "vdlu": s_v, "cmfu": s_c}
+    s_c = fused(t_cls_m, v_tok_m, mentions.has_image) @ fused(t_cls_e, v_tok_e, entities.has_image).T
+    if not mask_missing_images:
+        return {"scores": (s_t + s_v + s_c) / 3, "tglu": s_t, "vdlu": s_v, "cmfu": s_c}
+    both = (mentions.has_image[:, None] & entities.has_image[None, :]).to(s_t.dtype)      # m[b, n]
+    s_v = s_v * both
+    return {"scores": (s_t + s_c + s_v) / (2 + both), "tglu": s_t, "vdlu": s_v, "cmfu": s_c}
 
 
 def reference_loss(scores: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -176,6 +184,30 @@ def test_per_mention_candidates_score_as_the_same_pairs_of_the_full_matrix(optio
     torch.testing.assert_close(generic.scores, paired.scores)
     for unit in full.unit_scores:
         torch.testing.assert_close(paired.unit_scores[unit], full.unit_scores[unit].gather(1, candidates))
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["release", "masked"])
+def test_every_served_path_equals_the_spec_reference(mask: bool) -> None:
+    """All pairs (exhaustive), and per-mention candidates with several mentions per chunk (what the linker
+    serves: TGLU's batched per-mention attention), each against the independent reference."""
+    options = {"mask_missing_images": mask, "exclude_duplicate_negatives": False}
+    model = randomised_model(OFFLINE_DIMS, seed=20, dtype=torch.float64, **options).eval()
+    mentions = random_features(4, OFFLINE_DIMS, patches=49, seed=21, has_image=[True, False, True, True],
+                               dtype=torch.float64)
+    entities = random_features(6, OFFLINE_DIMS, patches=49, seed=22, has_image=[True, False, True, False, True, True],
+                               dtype=torch.float64)
+    expected = reference_mimic(model.state_dict(), mentions, entities, mask_missing_images=mask)
+    candidates = torch.tensor([[5, 0, 3], [1, 1, 4], [2, 5, 0], [3, 4, 1]])                    # [B, K]
+    with torch.no_grad():
+        mention_cache, entity_cache = model.encode_mentions(mentions), model.encode_entities(entities)
+        full = model.match(mention_cache, entity_cache)
+        assert model.max_candidate_pair_elements >= 4 * 3 * 40 * 40   # all four mentions in one per-mention chunk
+        served = model.match_candidates(mention_cache, entity_cache, candidates)
+    for name, reference in (("scores", expected["scores"]), *((u, expected[u]) for u in ("tglu", "vdlu", "cmfu"))):
+        got_full = full.scores if name == "scores" else full.unit_scores[name]
+        got_served = served.scores if name == "scores" else served.unit_scores[name]
+        torch.testing.assert_close(got_full, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_served, reference.gather(1, candidates), atol=1e-5, rtol=1e-5)
 
 
 def test_loss_decreases_over_a_few_steps() -> None:
