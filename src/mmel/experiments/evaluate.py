@@ -182,7 +182,7 @@ def _rank_exhaustive(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, f
     _check_features_fit(checkpoint, features)
     model = load_model(checkpoint)
     scorer = ModelScorer(model, features.entities, to_rank.features, progress=progress)
-    model_name, score_block, extra = f"{model.config_class.model_type}:{checkpoint.name}", scorer.score_block, {}
+    model_name, score_block, extra = _model_label(model.config_class.model_type, checkpoint), scorer.score_block, {}
     if name_prior_weight > 0:
         name_block = NameMatchIndex.from_kb(dataset.kb).score_block([m.surface for m in to_rank.mentions])
 
@@ -208,7 +208,7 @@ def _rank_served(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featu
                                       candidates_k=num_candidates, progress=progress)
         model_type = linker.manifest["model"]["model_type"]
     result = ranking_from_links(linked, to_rank.gold_rows, dataset.kb.qids)
-    model_name = f"{model_type}:{checkpoint.name}"
+    model_name = _model_label(model_type, checkpoint)
     extra: dict = {"ranking": f"two-stage through the served linker: {first_stage} top {num_candidates}, "
                               "reranked by the model; unretrieved golds tie with every unretrieved entity"}
     if name_prior_weight > 0:
@@ -280,6 +280,13 @@ def ranking_from_links(linked: Sequence[LinkResult], gold_rows: np.ndarray, kb_q
             result.num_greater[index] = len(rows)
             result.num_tied[index] = len(kb_qids) - len(rows) - 1
     return result
+
+
+def _model_label(model_type: str, checkpoint: Path) -> str:
+    """`type:name` of a checkpoint; a run's `best/` export is named by its run directory (`mimic:run-c/best`)."""
+    checkpoint = Path(checkpoint).resolve()
+    name = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.name == "best" else checkpoint.name
+    return f"{model_type}:{name}"
 
 
 def _require_features(features: DatasetFeatures | None, to_rank: SplitToRank) -> None:
