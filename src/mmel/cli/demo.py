@@ -60,14 +60,15 @@ def demo(
 def _result_table(mention, result) -> Table:
     table = Table(title=f"[bold]{mention.surface}[/] in “{mention.sentence}” (gold {mention.gold_qid})",
                   title_justify="left")
-    for column in ("rank", "entity", "QID", "score", "units (tglu / vdlu / cmfu / name match)", ""):
+    unit_names = list(result.candidates[0].unit_scores) if not isinstance(result, Exception) and result.candidates \
+        else []
+    for column in ("rank", "entity", "QID", "score", f"units ({' / '.join(unit_names)})", ""):
         table.add_column(column)
     if isinstance(result, Exception):
         table.add_row("-", f"error: {result}", "", "", "", "")
         return table
     for candidate in result.candidates:
-        units = " / ".join(f"{candidate.unit_scores[name]:.2f}" for name in ("tglu", "vdlu", "cmfu", "name_match")
-                           if name in candidate.unit_scores)
+        units = " / ".join(f"{candidate.unit_scores[name]:.2f}" for name in unit_names if name in candidate.unit_scores)
         mark = "✓ gold" if candidate.qid == mention.gold_qid else ""
         table.add_row(str(candidate.rank), candidate.name, candidate.qid, f"{candidate.score:.3f}", units, mark)
     return table

@@ -53,7 +53,9 @@ class CandidateOut(BaseModel):
     qid: str
     name: str
     score: float = Field(description="the model's final score (what the ranking uses)")
-    unit_scores: dict[str, float] = Field(description="per-unit scores, e.g. MIMIC's tglu / vdlu / cmfu")
+    unit_scores: dict[str, float] = Field(
+        description="per-unit scores under the model's unit names (MIMIC: tglu, vdlu, cmfu; M3EL: text, image, "
+                    "cross; plus name_match with the name prior)")
     retrieval_score: float | None = Field(description="first-stage similarity")
     text: str = Field(description="the entity's text (attributes or description), shortened")
     image_count: int
