@@ -132,3 +132,22 @@ def test_tune_name_prior_writes_the_best_weight_into_the_checkpoint(tiny_index, 
     assert ModelSpec.read(checkpoint).name_prior_weight == float(best_row.split("|")[1].split()[0])
     header = json.loads((checkpoint / "config.json").read_text())
     assert header["inference"]["tuned_on"].startswith("tiny test")
+
+
+def test_evaluate_under_dims_candidate_protocol_is_labelled_and_counts_gold_wins_ties(tiny_index, tiny_dataset_dir,
+                                                                                      tmp_path, linker_backbone):
+    from mmel.data import load_dataset
+    from mmel.experiments.evaluate import evaluate
+    from mmel.features.store import build_features
+
+    dataset = load_dataset(tiny_dataset_dir)
+    features = build_features(dataset, linker_backbone, tmp_path / "store", progress=False)
+    full = evaluate(dataset, "test", str(tiny_index.checkpoint), features=features, progress=False)
+    dim = evaluate(dataset, "test", str(tiny_index.checkpoint), features=features, protocol="dim-candidates",
+                   num_candidates=3, progress=False)
+    assert dim.protocol == "dim-candidates-3" and dim.tie_policy == "gold-wins"
+    assert dim.extra["protocol_label"].startswith("candidate-limited (DIM protocol")
+    assert set(dim.extra["dim_top_k"]) == {"top@1", "top@5", "top@10", "top@20"}
+    assert dim.extra["dim_top_k"]["top@1"] == pytest.approx(dim.metrics["hits@1"])   # no NIL: same denominator
+    # among at most 4 entities (3 candidates + the gold) the gold can only do as well as over the whole KB
+    assert dim.metrics["hits@1"] >= full.metrics["hits@1"] and dim.metrics["mr"] <= 4

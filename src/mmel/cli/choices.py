@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from enum import Enum
 
 from mmel.backbones import BACKBONES
+from mmel.experiments import PROTOCOLS
 from mmel.retrieval import FIRST_STAGES
 
 
@@ -16,5 +17,6 @@ def choices(name: str, values: Iterable[str]) -> type[Enum]:
 
 FirstStageName = choices("FirstStageName", FIRST_STAGES)
 BackboneName = choices("BackboneName", BACKBONES.names())
+ProtocolName = choices("ProtocolName", PROTOCOLS)
 
-__all__ = ["BackboneName", "FirstStageName", "choices"]
+__all__ = ["BackboneName", "FirstStageName", "ProtocolName", "choices"]

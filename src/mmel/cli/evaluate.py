@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mmel.cli.choices import FirstStageName
+from mmel.cli.choices import FirstStageName, ProtocolName
 from mmel.cli.errors import exit_on_user_errors
 from mmel.experiments import BASELINES
 
@@ -28,7 +28,11 @@ def evaluate(
              "reranks them (an index is built in a temporary directory unless --index names one).")] = None,
     index: Annotated[Path | None, typer.Option(
         help="With --first-stage: an existing index of this dataset's KB for the model (mmel index build).")] = None,
-    candidates: Annotated[int, typer.Option(help="K for two-stage ranking.")] = 100,
+    protocol: Annotated[ProtocolName, typer.Option(
+        help="full-kb (every entity, the papers' protocol) or dim-candidates (the gold among its mention's "
+             "--candidates fuzzy name candidates, DIM's rule; not comparable with full-kb).")
+                          ] = ProtocolName["full-kb"],
+    candidates: Annotated[int, typer.Option(help="K: two-stage candidates, or the DIM protocol's candidates.")] = 100,
     sample: Annotated[int, typer.Option(help="Rank a seeded sample of this many mentions (0 = the whole split).")
                       ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
@@ -47,7 +51,7 @@ def evaluate(
         feature_view = (features_for(features, dataset, model, feature_view_id) if features is not None
                         else None)
         report = run_evaluation(dataset, split, model, features=feature_view,
-                                first_stage=first_stage.value if first_stage else None,
+                                first_stage=first_stage.value if first_stage else None, protocol=protocol.value,
                                 num_candidates=candidates, sample=sample, seed=seed, name_prior_weight=name_prior,
                                 index_dir=index)
         console.print(report.to_markdown())

@@ -8,6 +8,8 @@ documents (benchmarks.md, "Ties"). mmel states its policy instead:
   ranks last, not first.
 - `expected`: rank = 1 + #{score > gold} + #{score == gold, other entity} / 2, the mean rank under
   a uniformly random tie break. Hits@k and MRR are then computed on that (fractional) rank.
+- `gold-wins`: rank = 1 + #{score > gold}, DIM's rule (models.md §4.7), used only for its
+  candidate-limited protocol and labelled as such: ties favour the gold.
 
 Ranks are 1-based. A mention that has no rank (NIL, or gold entity missing from the KB) is not
 passed to these functions: the protocols count those separately (`RankingResult.excluded_*`).
@@ -21,8 +23,8 @@ import numpy as np
 
 from mmel.core.errors import UsageError
 
-TiePolicy = Literal["against-gold", "expected"]
-TIE_POLICIES: tuple[TiePolicy, ...] = ("against-gold", "expected")
+TiePolicy = Literal["against-gold", "expected", "gold-wins"]
+TIE_POLICIES: tuple[TiePolicy, ...] = ("against-gold", "expected", "gold-wins")
 DEFAULT_TIE_POLICY: TiePolicy = "against-gold"
 HITS_AT: tuple[int, ...] = (1, 3, 5, 10, 20)  # the cut-offs of MIMIC / M3EL (models.md §0.4)
 
@@ -47,7 +49,7 @@ def ranks_from_counts(num_greater: np.ndarray, num_tied: np.ndarray,
         raise UsageError(f"num_greater {greater.shape} and num_tied {tied.shape} must have the same shape")
     if (greater < 0).any() or (tied < 0).any():
         raise UsageError("counts of greater and tied scores must be non-negative")
-    tie_weight = 1.0 if tie_policy == "against-gold" else 0.5
+    tie_weight = {"against-gold": 1.0, "expected": 0.5, "gold-wins": 0.0}[tie_policy]
     return 1.0 + greater + tie_weight * tied
 
 

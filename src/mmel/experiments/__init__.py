@@ -5,3 +5,5 @@ The name table below is imported by the CLI for its choices, so it stays free of
 """
 
 BASELINES = ("bm25", "bm25-text", "dense", "name-match")   # `mmel evaluate --model` baselines (evaluate.py)
+DIM_CANDIDATES = "dim-candidates"                          # DIM's candidate-limited protocol (models.md §4.7)
+PROTOCOLS = ("full-kb", DIM_CANDIDATES)                    # `mmel evaluate --protocol`

@@ -30,14 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mmel.core.errors import MismatchError, UsageError
 from mmel.core.features import FeatureTable
 from mmel.core.types import Dataset, LinkResult, Mention
+from mmel.evaluation.candidate_protocol import rank_dim_candidates
 from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, as_numpy_scores, gold_rows_for, rank_full_kb
 from mmel.evaluation.report import EvalReport, build_report
-from mmel.experiments import BASELINES
+from mmel.experiments import BASELINES, DIM_CANDIDATES, PROTOCOLS
 from mmel.experiments.ranking import ModelScorer
+from mmel.features.fuzzy_candidates import FuzzyNameIndex
 from mmel.features.name_match import NameMatchIndex, name_match
 from mmel.features.store import DatasetFeatures, list_views, open_features
 from mmel.models import load_model
@@ -114,13 +117,19 @@ def _dense_block(features: DatasetFeatures | None, to_rank: SplitToRank) -> Scor
 def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeatures | None = None,
              first_stage: str | None = None, num_candidates: int = 100, mention_batch_size: int = 64,
              sample: int = 0, seed: int = 0, name_prior_weight: float = 0.0, index_dir: Path | None = None,
-             progress: bool = True) -> EvalReport:
+             protocol: str = FULL_KB, progress: bool = True) -> EvalReport:
     """Rank `split` (or a seeded `sample` of it) against the whole KB with `method` (a baseline or a checkpoint).
 
     `name_prior_weight` > 0 adds that multiple of the surface-name match to a trained model's scores.
     With `first_stage`, the ranking is the served linker's (see the module doc); `index_dir` names an
     existing index of this dataset's KB for the checkpoint instead of building a temporary one.
+    `protocol` 'dim-candidates' ranks each gold among itself and its mention's `num_candidates`
+    fuzzy name candidates with DIM's rule instead (models.md §4.7; not comparable with full-KB numbers).
     """
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+    if protocol == DIM_CANDIDATES:
+        return _evaluate_dim_protocol(dataset, split, method, features, num_candidates, sample, seed, progress)
     if name_prior_weight < 0 or (name_prior_weight and method in BASELINES):
         raise UsageError("name_prior_weight must be >= 0 and applies to trained models only, "
                          f"got {name_prior_weight} for {method!r}")
@@ -140,6 +149,38 @@ def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeat
                                                            num_candidates, name_prior_weight, index_dir, progress)
     return build_report(result, protocol=FULL_KB, kb_size=len(dataset.kb), dataset=dataset.name, split=to_rank.name,
                         model=model_name, backbone=backbone, wall_time_s=time.perf_counter() - started, extra=extra)
+
+
+def _evaluate_dim_protocol(dataset: Dataset, split: str, method: str, features: DatasetFeatures | None,
+                           num_candidates: int, sample: int, seed: int, progress: bool) -> EvalReport:
+    """DIM's candidate-limited protocol for a checkpoint (module doc of `mmel.evaluation.candidate_protocol`)."""
+    if method in BASELINES:
+        raise UsageError("the DIM candidate protocol scores trained models; baselines are ranked over the full KB")
+    checkpoint = Path(method)
+    to_rank = SplitToRank.of(dataset, split, features, sample, seed)
+    _require_features(features, to_rank)
+    _check_features_fit(checkpoint, features)
+    started = time.perf_counter()
+    candidates = FuzzyNameIndex([entity.name for entity in dataset.kb]).top_k(
+        [mention.surface for mention in to_rank.mentions], k=num_candidates)                     # [M, K]
+    model = load_model(checkpoint)
+    scorer = ModelScorer(model, features.entities, to_rank.features, progress=progress)
+
+    def score_pairs(mention_rows: np.ndarray, entity_rows: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            mentions = model.encode_mentions(to_rank.features.gather(mention_rows))
+            return model.match_candidates(mentions, scorer.entity_cache,
+                                          torch.as_tensor(entity_rows)[:, None]).scores[:, 0]   # [P]
+
+    result = rank_dim_candidates(score_pairs, list(candidates), to_rank.gold_rows, num_candidates=num_candidates,
+                                 num_entities=len(dataset.kb), progress=progress)
+    extra = {"protocol_label": result.label, "dim_top_k": result.metrics(),
+             "dim_denominator": len(to_rank.gold_rows), "gold_added_to_candidates": result.ranking.gold_added}
+    return build_report(result.ranking, protocol=f"{DIM_CANDIDATES}-{num_candidates}", kb_size=len(dataset.kb),
+                        dataset=dataset.name, split=to_rank.name, model=_model_label(model.config_class.model_type,
+                                                                                   checkpoint),
+                        backbone=features.backbone_fingerprint, wall_time_s=time.perf_counter() - started,
+                        tie_policy="gold-wins", extra=extra)
 
 
 def _rank_baseline(method: str, dataset: Dataset, to_rank: SplitToRank, features: DatasetFeatures | None,
