@@ -328,7 +328,7 @@ def test_link_jsonl_refuses_a_foreign_output_file(shared_linker, tmp_path):
 
 
 def test_name_prior_adds_the_weighted_surface_name_match(shared_linker, tiny_index, linker_backbone, tmp_path):
-    from mmel.features.name_match import name_match
+    from mmel.lexical.name_match import name_match
     from mmel.retrieval.index_build import IndexBuildConfig
 
     build_index(tiny_index.dataset, tiny_index.checkpoint, tmp_path / "prior",

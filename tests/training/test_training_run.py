@@ -13,7 +13,7 @@ import torch
 from mmel.core.config import ConfigError
 from mmel.core.features import FeatureBatch, InMemoryFeatureTable, PooledView
 from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW
-from mmel.features.name_match import NameMatchIndex
+from mmel.lexical.name_match import NameMatchIndex
 from mmel.models import load_model
 from mmel.models.mimic import MIMICConfig, MIMICModel
 from mmel.training.datamodule import LinkedSplit, MelDataModule, nearest_entities

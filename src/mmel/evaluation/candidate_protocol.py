@@ -1,7 +1,7 @@
 """DIM's candidate-limited protocol (models.md §4.7), kept apart from the full-KB numbers of MIMIC and M3EL.
 
 For each mention the scorer sees {gold} ∪ its candidate rows (for WikiMEL / RichpediaMEL the
-top-100 entity names by fuzzy similarity to the mention, `mmel.features.fuzzy_candidates`):
+top-100 entity names by fuzzy similarity to the mention, `mmel.lexical.fuzzy`):
 
     rank    = 1 + #{candidates scoring STRICTLY higher than the gold}     (a tie goes to the gold)
     Top-k   = #{mentions with rank <= k} / #mentions,   k in 1, 5, 10, 20

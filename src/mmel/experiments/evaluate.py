@@ -40,12 +40,12 @@ from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, as_num
 from mmel.evaluation.report import EvalReport, build_report
 from mmel.experiments import BASELINES, DIM_CANDIDATES, PROTOCOLS
 from mmel.experiments.ranking import ModelScorer
-from mmel.features.fuzzy_candidates import FuzzyNameIndex
-from mmel.features.name_match import NameMatchIndex, name_match
 from mmel.features.store import DatasetFeatures, list_views, open_features
+from mmel.lexical.bm25 import BM25Index, query_text
+from mmel.lexical.fuzzy import FuzzyNameIndex
+from mmel.lexical.name_match import NameMatchIndex, name_match
 from mmel.models import load_model
 from mmel.retrieval import FIRST_STAGES
-from mmel.retrieval.bm25 import BM25Index, query_text
 from mmel.retrieval.dense import DenseScorer
 from mmel.retrieval.index_build import IndexBuildConfig, ModelSpec, build_index
 from mmel.retrieval.linker import Linker

@@ -22,11 +22,10 @@ import numpy as np
 
 from mmel.core.errors import UsageError
 from mmel.core.types import Mention
+from mmel.lexical.bm25 import BM25Index, query_text
+from mmel.lexical.fusion import reciprocal_rank_fusion
 from mmel.retrieval import FIRST_STAGES
-from mmel.retrieval.bm25 import BM25Index, query_text
 from mmel.retrieval.index import VectorIndex
-
-RRF_CONSTANT = 60          # reciprocal-rank fusion: score = sum over first stages of 1 / (60 + rank)
 
 Shortlist = list[tuple[str, float]]
 """(QID, first-stage score) pairs of one mention, best first."""
@@ -53,7 +52,7 @@ class FirstStage:
         dense = self._dense_hits(query_vectors, k) if self.kind != "bm25" else None
         lexical = self._bm25_hits(mentions, k) if self.kind != "dense" else None
         if dense is not None and lexical is not None:
-            return [reciprocal_rank_fusion(d, b, k) for d, b in zip(dense, lexical, strict=True)]
+            return [reciprocal_rank_fusion([d, b], k) for d, b in zip(dense, lexical, strict=True)]
         return dense if dense is not None else lexical  # type: ignore[return-value]
 
     def _dense_hits(self, query_vectors: np.ndarray, k: int) -> list[Shortlist]:
@@ -69,13 +68,4 @@ class FirstStage:
                 for rows, scores in zip(hits.rows, hits.scores, strict=True)]
 
 
-def reciprocal_rank_fusion(dense: Shortlist, lexical: Shortlist, k: int) -> Shortlist:
-    """The top `k` of the two lists fused by 1 / (60 + rank); ties keep dense-first order."""
-    fused: dict[str, float] = {}
-    for hits in (dense, lexical):
-        for rank, (qid, _) in enumerate(hits):
-            fused[qid] = fused.get(qid, 0.0) + 1.0 / (RRF_CONSTANT + rank + 1)
-    return sorted(fused.items(), key=lambda item: -item[1])[:k]
-
-
-__all__ = ["FIRST_STAGES", "RRF_CONSTANT", "FirstStage", "Shortlist", "reciprocal_rank_fusion"]
+__all__ = ["FIRST_STAGES", "FirstStage", "Shortlist"]

@@ -46,10 +46,10 @@ from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset, Entity, KnowledgeBase
 from mmel.features.store import build_features, encode_items
 from mmel.features.templates import TextTemplate, extra_view_texts, get_template, template_for_views
+from mmel.lexical.bm25 import BM25Index
 from mmel.models import MODELS, load_model
 from mmel.models.base import MelModel
 from mmel.retrieval import FIRST_STAGES
-from mmel.retrieval.bm25 import BM25Index
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
 from mmel.retrieval.index import INDEX_KINDS, IndexConfig, VectorIndex, read_index_manifest
 from mmel.retrieval.kb_store import EntityStore, kb_checksum

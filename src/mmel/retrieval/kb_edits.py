@@ -23,8 +23,8 @@ from mmel.backbones.base import Backbone
 from mmel.core.errors import DataError, NotFoundError
 from mmel.core.images import ImageReport
 from mmel.core.types import Entity, KnowledgeBase
+from mmel.lexical.bm25 import BM25Index
 from mmel.models.base import MelModel
-from mmel.retrieval.bm25 import BM25Index
 from mmel.retrieval.entity_cache import CompactionReport, EntityCacheStore
 from mmel.retrieval.index import VectorIndex
 from mmel.retrieval.index_build import (

@@ -38,9 +38,9 @@ from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Candidate, Entity, LinkResult, Mention, locate_span
 from mmel.features.store import encode_items
 from mmel.features.templates import extra_view_texts
+from mmel.lexical.bm25 import BM25Index
 from mmel.models import load_model
 from mmel.models.base import MelModel
-from mmel.retrieval.bm25 import BM25Index
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
 from mmel.retrieval.first_stage import FirstStage
 from mmel.retrieval.index import VectorIndex

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mmel.core.features import FeatureBatch
-from mmel.features.name_match import name_match
+from mmel.lexical.name_match import name_match
 from mmel.models.base import MelModel, RowCache
 from mmel.retrieval.first_stage import Shortlist
 

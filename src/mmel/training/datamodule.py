@@ -27,8 +27,8 @@ from mmel.core.features import FeatureBatch, unit_rows
 from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Dataset
 from mmel.evaluation import MISSING_GOLD_ROW, NIL_ROW, ScoreBlock, gold_rows_for
-from mmel.features.name_match import NameMatchIndex
 from mmel.features.templates import TextTemplate
+from mmel.lexical.name_match import NameMatchIndex
 from mmel.training.negatives import TfidfNegativeSampler
 from mmel.training.recipe import DataSection, ValidationSection
 

@@ -57,7 +57,7 @@ class DataSection(ConfigBase):
     hard_negatives: int = 0
     hard_negative_pool: int = 20
     # Where the pool comes from: 'dense' (nearest global text vectors) or 'name' (the entities whose
-    # names best match the surface form, mmel.features.name_match, dense cosine breaking ties and
+    # names best match the surface form, mmel.lexical.name_match, dense cosine breaking ties and
     # filling the pool): the namesakes a name prior leaves for the model to tell apart. 'tfidf' is
     # DIM's sampler (models.md §4.4): a word of the gold entity's text drawn by TF-IDF weight, then an
     # entity containing it (5%: a random entity), drawn afresh for every batch; the pool is unused.

@@ -5,7 +5,8 @@ import pytest
 
 from mmel.core.errors import MismatchError
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
-from mmel.retrieval.bm25 import BM25Index, entity_text, evaluate_bm25, query_text
+from mmel.experiments.evaluate import evaluate
+from mmel.lexical.bm25 import BM25Index, entity_text, query_text
 
 
 @pytest.fixture
@@ -64,18 +65,18 @@ def test_loading_against_another_kb_is_refused(kb, tmp_path):
         BM25Index.load(tmp_path / "bm25")
 
 
-def test_evaluate_bm25_full_kb_report(kb):
+def test_the_bm25_baseline_full_kb_report(kb):
     mentions = [Mention(id="m1", sentence="Noel Harrison sang.", surface="Noel Harrison", gold_qid="Q3"),
                 Mention(id="m2", sentence="Powers smiled.", surface="Powers", gold_qid="Q4"),
                 Mention(id="m3", sentence="Washington spoke.", surface="Washington", gold_qid="Q1"),
                 Mention(id="m4", sentence="Nobody.", surface="Nobody", gold_qid=None),
                 Mention(id="m5", sentence="Gone.", surface="Gone", gold_qid="Q99")]
     dataset = Dataset(name="toy", kb=kb, splits={"test": mentions}, root=".")
-    report = evaluate_bm25(BM25Index.build(kb, "name"), dataset, "test", query_mode="surface", progress=False)
+    report = evaluate(dataset, "test", "bm25", progress=False)
     assert report.mention_count == 3 and report.excluded_nil == 1 and report.excluded_missing_gold == 1
     assert report.metrics["hits@1"] == pytest.approx(2 / 3)
-    assert report.model == "bm25-name/surface" and report.protocol == "full-kb" and report.kb_size == 5
-    assert report.extra["query_mode"] == "surface"
+    assert report.model == "bm25-name" and report.protocol == "full-kb" and report.kb_size == 5
+    assert report.extra["query"] == "surface+sentence"
     assert query_text(mentions[0], "surface+sentence") == "Noel Harrison Noel Harrison sang."
 
 
@@ -84,7 +85,7 @@ def test_synthetic_group_members_tie_on_names_and_text_cues_break_the_tie():
 
     dataset = generate_dataset(200, group_size=4, seed=0, mentions_per_split={"test": 80},
                                cue_mix={"image": 0.5, "text": 0.5, "both": 0.0})
-    names = evaluate_bm25(BM25Index.build(dataset.kb, "name"), dataset, "test", progress=False)
+    names = evaluate(dataset, "test", "bm25", progress=False)
     assert names.metrics["mr"] == 4.0 and names.metrics["hits@1"] == 0.0  # ties count against the gold
-    with_text = evaluate_bm25(BM25Index.build(dataset.kb, "name+text"), dataset, "test", progress=False)
+    with_text = evaluate(dataset, "test", "bm25-text", progress=False)
     assert with_text.metrics["hits@1"] == 0.5  # exactly the text-cue half

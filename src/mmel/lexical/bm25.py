@@ -14,8 +14,7 @@ allow_pickle=False and JSON vocab/params). No pickle is written or read.
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -25,14 +24,9 @@ import numpy as np
 
 from mmel.core.errors import MismatchError, UsageError
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
-from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
+from mmel.core.types import Entity, KnowledgeBase, Mention
 from mmel.evaluation import (
-    FULL_KB,
-    EvalReport,
     ScoreBlock,
-    build_report,
-    gold_rows_for,
-    rank_full_kb,
     top_k_per_row,
 )
 
@@ -135,7 +129,7 @@ class BM25Index:
         """A `rank_full_kb` scorer for mention i = queries[i].
 
         Each call scores its mentions against the whole KB and slices, so evaluate BM25 with one
-        entity chunk (`entity_chunk_size >= len(index)`), as `evaluate_bm25` does.
+        entity chunk (`entity_chunk_size >= len(index)`), as `mmel evaluate --model bm25` does.
         """
         def score(mention_rows: np.ndarray, entity_start: int, entity_stop: int) -> np.ndarray:
             return self.scores([queries[row] for row in mention_rows])[:, entity_start:entity_stop]
@@ -178,26 +172,5 @@ class BM25Index:
         return cls(retriever, qids, settings, manifest["kb_fingerprint"])
 
 
-def evaluate_bm25(index: BM25Index, dataset: Dataset, split: str, *, query_mode: QueryMode = DEFAULT_QUERY_MODE,
-                  mention_batch_size: int = 256, progress: bool = True) -> EvalReport:
-    """Full-KB evaluation of BM25 on one split (ties count against the gold entity)."""
-    if len(index) != len(dataset.kb) or index.qids != dataset.kb.qids:
-        raise MismatchError(f"the BM25 index ({len(index)} entities) was not built from the KB of "
-                            f"{dataset.name!r} ({len(dataset.kb)} entities); rebuild it")
-    mentions = dataset.split(split)
-    started = time.perf_counter()
-    result = rank_full_kb(index.score_block(_queries(mentions, query_mode)), gold_rows_for(mentions, dataset.kb),
-                          len(index), mention_batch_size=mention_batch_size, entity_chunk_size=len(index),
-                          progress=progress)
-    return build_report(result, protocol=FULL_KB, kb_size=len(dataset.kb), dataset=dataset.name, split=split,
-                        model=f"bm25-{index.settings.fields}/{query_mode}", backbone="none",
-                        wall_time_s=time.perf_counter() - started,
-                        extra={"query_mode": query_mode, "k1": index.settings.k1, "b": index.settings.b})
-
-
-def _queries(mentions: Iterable[Mention], mode: QueryMode) -> list[str]:
-    return [query_text(mention, mode) for mention in mentions]
-
-
 __all__ = ["DEFAULT_QUERY_MODE", "ENTITY_FIELDS", "QUERY_MODES", "BM25Index", "BM25Settings", "SearchHits",
-           "entity_text", "evaluate_bm25", "kb_fingerprint", "query_text"]
+           "entity_text", "kb_fingerprint", "query_text"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from rapidfuzz import fuzz, process, utils
 
-from mmel.features.fuzzy_candidates import DIM_CANDIDATES, FuzzyNameIndex
+from mmel.lexical.fuzzy import DIM_CANDIDATES, FuzzyNameIndex
 
 NAMES = ["Gabor", "Greta Garbo", "garbo", "Garbo!", "Garbo", "Xavier Xu", "Gar bo", "Greta Gerwig",
          "Roger Federer", "Federer Express"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmel.core.types import Entity, KnowledgeBase
-from mmel.features.name_match import NameMatchIndex, name_match, name_tokens
+from mmel.lexical.name_match import NameMatchIndex, name_match, name_tokens
 
 KB = KnowledgeBase([Entity("Q1", "Greta Garbo"), Entity("Q2", "Melvyn Douglas"), Entity("Q3", "Cristina Garmendia"),
                     Entity("Q4", "Cristina Gaioni"), Entity("Q5", "José Martí"), Entity("Q6", "")])
