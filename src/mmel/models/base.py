@@ -95,6 +95,13 @@ class RowCache:
         return shapes
 
 
+def pair_dot(mention_vectors: torch.Tensor, entity_vectors: torch.Tensor) -> torch.Tensor:
+    """[B, D] against entity vectors with a pairing axis, [1, N, D] or [B, K, D] (see `RowCache`) -> [B, N | K]."""
+    if entity_vectors.shape[0] == 1:
+        return mention_vectors @ entity_vectors[0].T
+    return torch.einsum("bd,bnd->bn", mention_vectors, entity_vectors)
+
+
 @dataclass
 class MelModelConfig(ConfigBase):
     """What every model config has: the widths of the features it reads (a backbone's widths).

@@ -33,6 +33,7 @@ from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError
 from mmel.core.features import FeatureBatch, FeatureViews, PooledView
 from mmel.models.base import MelModel, MelModelConfig, RowCache, cache_field
+from mmel.models.losses import same_entity_columns
 from mmel.models.outputs import MatchOutput
 
 ENTITY_TEXT_VIEWS = ("desc", "name_desc")
@@ -277,10 +278,7 @@ def negative_columns(labels: torch.Tensor, num_columns: int, entity_ids: torch.T
         negatives = columns[None, :] != labels[:, None]                                 # [B, N]
     if entity_ids is None:
         return negatives
-    if entity_ids.shape != (num_columns,):
-        raise ValueError(f"entity_ids must have shape ({num_columns},), got {tuple(entity_ids.shape)}")
-    entity_ids = entity_ids.to(labels.device)
-    return negatives & (entity_ids[None, :] != entity_ids[labels][:, None])
+    return negatives & ~same_entity_columns(labels, entity_ids, num_columns)
 
 
 def _check_labels(labels: torch.Tensor, batch: int, num_columns: int) -> torch.Tensor:

@@ -28,7 +28,8 @@ from torch import nn
 
 from mmel.core.config import ConfigError
 from mmel.core.features import FeatureBatch, FeatureViews
-from mmel.models.base import MelModel, MelModelConfig, RowCache, cache_field
+from mmel.models.base import MelModel, MelModelConfig, RowCache, cache_field, pair_dot
+from mmel.models.losses import masked_cross_entropy, same_entity_columns
 from mmel.models.outputs import MatchOutput
 
 # Default bound on the attention logits materialised at once while scoring: 2**24 float32 values
@@ -198,7 +199,7 @@ class IMN(nn.Module):
             mean_attention = self._mean_attention_per_mention(mention_keys, entity_queries)    # [B, N, Lm]
         context = self.layer_norm(torch.bmm(mean_attention, mention_values))                  # [B, N, D]
         global_to_local = (entity_cls_key * context).sum(dim=-1)                                # [B, N]
-        global_to_global = _pair_dot(mention_cls, entity_cls)                                   # [B, N]
+        global_to_global = pair_dot(mention_cls, entity_cls)                                   # [B, N]
         return (global_to_local + global_to_global) / 2
 
     def _mean_attention_all_pairs(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -501,7 +502,7 @@ class M3ELModel(MelModel):
                                     entities.select(candidates[start:start + chunk]),
                                     bidirectional=self.config.ranks_bidirectionally)
                  for start in range(0, max(len(mentions), 1), chunk)]
-        return _concat_outputs(parts, dim=0)
+        return MatchOutput.concat(parts, dim=0)
 
     def _match_all_pairs(self, mentions: M3ELMentionCache, entities: M3ELEntityCache, *,
                          bidirectional: bool) -> MatchOutput:
@@ -509,7 +510,7 @@ class M3ELModel(MelModel):
         parts = [self._match_paired(mentions, entities.select(slice(start, start + chunk)).paired(),
                                     bidirectional=bidirectional)
                  for start in range(0, max(len(entities), 1), chunk)]
-        return _concat_outputs(parts, dim=1)
+        return MatchOutput.concat(parts, dim=1)
 
     def _pair_elements(self, mentions: M3ELMentionCache, entities: M3ELEntityCache) -> int:
         """Values materialised per mention-entity pair: the larger IMN attention logits (text or image)."""
@@ -525,10 +526,10 @@ class M3ELModel(MelModel):
                  "image": self.iimm.score(mentions.image_cls, mentions.image_token_keys, mentions.image_token_values,
                                           entities.image_cls, entities.image_cls_key, entities.image_token_queries)}
         if bidirectional:
-            units["t2v"] = _pair_dot(mentions.t2v, entities.t2v)                 # [B, N]
-            units["v2t"] = _pair_dot(mentions.v2t, entities.v2t)                 # [B, N]
+            units["t2v"] = pair_dot(mentions.t2v, entities.t2v)                 # [B, N]
+            units["v2t"] = pair_dot(mentions.v2t, entities.v2t)                 # [B, N]
         else:
-            units["cross"] = _pair_dot(mentions.cross, entities.cross)           # [B, N]
+            units["cross"] = pair_dot(mentions.cross, entities.cross)           # [B, N]
         if not self.config.mask_missing_images:
             return MatchOutput(scores=sum(units.values()) / len(units), unit_scores=units)
         pair_has_images = mentions.has_image[:, None] & entities.has_image                     # [B, N]
@@ -560,7 +561,8 @@ class M3ELModel(MelModel):
     def training_loss(self, output: MatchOutput, labels: torch.Tensor, entity_ids: torch.Tensor | None,
                       mentions: FeatureBatch, entities: FeatureBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L = CE(s) + Σ_units CE(s_unit) + cl_loss, each CE a mean over the batch rows (§3.8)."""
-        same_entity = self._same_entity(output.scores, labels, entity_ids)                  # [B, N] or None
+        same_entity = (same_entity_columns(labels, entity_ids, output.scores.shape[1])               # [B, N]
+                       if self.config.exclude_duplicate_negatives and entity_ids is not None else None)
         usable = torch.ones_like(output.scores, dtype=torch.bool)
         if same_entity is not None:
             is_label = torch.arange(output.scores.shape[1], device=labels.device)[None, :] == labels[:, None]
@@ -570,12 +572,12 @@ class M3ELModel(MelModel):
             pair_has_images = mentions.has_image.bool()[:, None] & entities.has_image.bool()[None, :]   # [B, N]
             image_usable = usable & pair_has_images
             image_rows = pair_has_images.gather(1, labels[:, None]).squeeze(1)                          # [B]
-        losses = {"overall": _masked_cross_entropy(output.scores, labels, usable)}
+        losses = {"overall": masked_cross_entropy(output.scores, labels, usable)}
         for name, scores in output.unit_scores.items():
             if name in IMAGE_UNITS:
-                losses[name] = _masked_cross_entropy(scores, labels, image_usable, image_rows)
+                losses[name] = masked_cross_entropy(scores, labels, image_usable, image_rows)
             else:
-                losses[name] = _masked_cross_entropy(scores, labels, usable)
+                losses[name] = masked_cross_entropy(scores, labels, usable)
         gold_same = same_entity[:, labels] if same_entity is not None else None                 # [B, B]
         losses["contrastive"] = self.contrastive_loss(mentions, entities, labels, gold_same)
         return sum(losses.values()), losses
@@ -600,42 +602,6 @@ class M3ELModel(MelModel):
             same_entity = same_entity[rows][:, rows] if same_entity is not None else None
         image = intra_modal_contrastive_loss(entity_image, mention_image, same_entity=same_entity, **options)
         return (text + image) / 2
-
-    def _same_entity(self, scores: torch.Tensor, labels: torch.Tensor,
-                     entity_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """[B, N] bool: column n holds row b's gold entity (with `exclude_duplicate_negatives`), else None."""
-        if not self.config.exclude_duplicate_negatives or entity_ids is None:
-            return None
-        if entity_ids.shape != (scores.shape[1],):
-            raise ValueError(f"entity_ids must have shape ({scores.shape[1]},), got {tuple(entity_ids.shape)}")
-        entity_ids = entity_ids.to(scores.device)
-        return entity_ids[None, :] == entity_ids[labels][:, None]
-
-
-def _pair_dot(mention_vectors: torch.Tensor, entity_vectors: torch.Tensor) -> torch.Tensor:
-    """[B, D] against paired entity vectors [1 | B, N, D] -> [B, N]."""
-    if entity_vectors.shape[0] == 1:
-        return mention_vectors @ entity_vectors[0].T
-    return torch.einsum("bd,bnd->bn", mention_vectors, entity_vectors)
-
-
-def _concat_outputs(parts: list[MatchOutput], dim: int) -> MatchOutput:
-    if len(parts) == 1:
-        return parts[0]
-    return MatchOutput(scores=torch.cat([p.scores for p in parts], dim=dim),
-                       unit_scores={name: torch.cat([p.unit_scores[name] for p in parts], dim=dim)
-                                    for name in parts[0].unit_scores})
-
-
-def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, usable: torch.Tensor,
-                          rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean CE over `rows` (all rows if None) with unusable columns removed; 0 when no row is left."""
-    masked = logits.masked_fill(~usable, float("-inf"))
-    if rows is None:
-        return F.cross_entropy(masked, labels)
-    if not bool(rows.any()):
-        return logits.sum() * 0.0  # a zero that stays in the graph, so backward works on any batch
-    return F.cross_entropy(masked[rows], labels[rows])
 
 
 __all__ = ["IMN", "CrossModalMatch", "CrossModalMatchBidirection", "FusionModule", "M3ELConfig", "M3ELEntityCache",

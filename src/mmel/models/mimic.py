@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmel.core.features import FeatureBatch
-from mmel.models.base import MelModel, MelModelConfig, RowCache, cache_field
+from mmel.models.base import MelModel, MelModelConfig, RowCache, cache_field, pair_dot
+from mmel.models.losses import masked_cross_entropy, usable_columns
 from mmel.models.outputs import MatchOutput
 
 # Default bound on the attention logits (or DUAL pair activations) materialised at once while
@@ -131,7 +131,7 @@ class TGLU(nn.Module):
             mean_attention = self._mean_attention_per_mention(mentions, entities)        # [B, N, Lm]
         context = self.layer_norm(torch.bmm(mean_attention, mentions.text_token_values))  # [B, N, D]
         global_to_local = (entities.text_cls_key * context).sum(dim=-1)                    # [B, N]
-        global_to_global = _pair_dot(mentions.text_cls, entities.text_cls)                 # [B, N]
+        global_to_global = pair_dot(mentions.text_cls, entities.text_cls)                 # [B, N]
         return (global_to_local + global_to_global) / 2
 
     def _mean_attention_all_pairs(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> torch.Tensor:
@@ -332,7 +332,7 @@ class MIMICModel(MelModel):
         chunk = max(1, self.max_pair_elements // (len(mentions) * self._pair_elements(mentions, entities)))
         parts = [self._match_paired(mentions, entities.select(slice(start, start + chunk)).paired())
                  for start in range(0, max(len(entities), 1), chunk)]
-        return _concat_outputs(parts, dim=1)
+        return MatchOutput.concat(parts, dim=1)
 
     def match_candidates(self, mentions: MIMICMentionCache, entities: MIMICEntityCache,
                          candidates: torch.Tensor) -> MatchOutput:
@@ -347,7 +347,7 @@ class MIMICModel(MelModel):
         parts = [self._match_paired(mentions.select(slice(start, start + chunk)),
                                     entities.select(candidates[start:start + chunk]))
                  for start in range(0, max(len(mentions), 1), chunk)]
-        return _concat_outputs(parts, dim=0)
+        return MatchOutput.concat(parts, dim=0)
 
     def _pair_elements(self, mentions: MIMICMentionCache, entities: MIMICEntityCache) -> int:
         """Values materialised per mention-entity pair: TGLU's attention logits, or a DUAL activation."""
@@ -359,7 +359,7 @@ class MIMICModel(MelModel):
         """Mentions [B] against paired entities [1 | B, N, ...] -> scores [B, N]."""
         text_score = self.tglu.score(mentions, entities)                     # [B, N]
         visual_score = self.vdlu.score(mentions, entities)                   # [B, N]
-        fusion_score = _pair_dot(mentions.fused, entities.fused)             # [B, N]
+        fusion_score = pair_dot(mentions.fused, entities.fused)             # [B, N]
         if not self.config.mask_missing_images:
             scores = (text_score + visual_score + fusion_score) / 3
         else:
@@ -390,56 +390,19 @@ class MIMICModel(MelModel):
                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L = CE(s) + CE(s_T) + CE(s_V) + CE(s_C), each a mean cross-entropy over the batch rows."""
         labels = labels.long()
-        usable = self._usable_negatives(output.scores, labels, entity_ids)                  # [B, N]
-        losses = {"overall": _masked_cross_entropy(output.scores, labels, usable),
-                  "tglu": _masked_cross_entropy(output.unit_scores["tglu"], labels, usable),
-                  "cmfu": _masked_cross_entropy(output.unit_scores["cmfu"], labels, usable)}
+        ids = entity_ids if self.config.exclude_duplicate_negatives else None
+        usable = usable_columns(labels, output.scores.shape[1], ids)                        # [B, N]
+        losses = {"overall": masked_cross_entropy(output.scores, labels, usable),
+                  "tglu": masked_cross_entropy(output.unit_scores["tglu"], labels, usable),
+                  "cmfu": masked_cross_entropy(output.unit_scores["cmfu"], labels, usable)}
         visual_usable, visual_rows = usable, None
         if self.config.mask_missing_images:
             pair_has_images = mention_has_image.bool()[:, None] & entity_has_image.bool()[None, :]  # [B, N]
             visual_usable = usable & pair_has_images
             visual_rows = pair_has_images.gather(1, labels[:, None]).squeeze(1)                    # [B]
-        losses["vdlu"] = _masked_cross_entropy(output.unit_scores["vdlu"], labels, visual_usable, visual_rows)
+        losses["vdlu"] = masked_cross_entropy(output.unit_scores["vdlu"], labels, visual_usable, visual_rows)
         return losses["overall"] + losses["tglu"] + losses["vdlu"] + losses["cmfu"], losses
 
-    def _usable_negatives(self, scores: torch.Tensor, labels: torch.Tensor,
-                          entity_ids: torch.Tensor | None) -> torch.Tensor:
-        """[B, N] bool: columns that may enter row b's softmax (the gold column always does)."""
-        usable = torch.ones_like(scores, dtype=torch.bool)
-        if self.config.exclude_duplicate_negatives and entity_ids is not None:
-            if entity_ids.shape != (scores.shape[1],):
-                raise ValueError(f"entity_ids must have shape ({scores.shape[1]},), got {tuple(entity_ids.shape)}")
-            entity_ids = entity_ids.to(scores.device)
-            same_entity = entity_ids[None, :] == entity_ids[labels][:, None]                  # [B, N]
-            is_label = torch.arange(scores.shape[1], device=scores.device)[None, :] == labels[:, None]
-            usable = ~same_entity | is_label
-        return usable
-
-
-def _pair_dot(mention_vectors: torch.Tensor, entity_vectors: torch.Tensor) -> torch.Tensor:
-    """[B, D] against paired entity vectors [1 | B, N, D] -> [B, N]."""
-    if entity_vectors.shape[0] == 1:
-        return mention_vectors @ entity_vectors[0].T
-    return torch.einsum("bd,bnd->bn", mention_vectors, entity_vectors)
-
-
-def _concat_outputs(parts: list[MatchOutput], dim: int) -> MatchOutput:
-    if len(parts) == 1:
-        return parts[0]
-    return MatchOutput(scores=torch.cat([p.scores for p in parts], dim=dim),
-                       unit_scores={name: torch.cat([p.unit_scores[name] for p in parts], dim=dim)
-                                    for name in parts[0].unit_scores})
-
-
-def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, usable: torch.Tensor,
-                          rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean CE over `rows` (all rows if None) with unusable columns removed; 0 when no row is left."""
-    masked = logits.masked_fill(~usable, float("-inf"))
-    if rows is None:
-        return F.cross_entropy(masked, labels)
-    if not bool(rows.any()):
-        return logits.sum() * 0.0  # a zero that stays in the graph, so backward works on any batch
-    return F.cross_entropy(masked[rows], labels[rows])
 
 
 __all__ = ["CMFU", "DUAL", "TGLU", "VDLU", "MIMICConfig", "MIMICEntityCache", "MIMICMentionCache", "MIMICModel"]

@@ -20,3 +20,12 @@ class MatchOutput:
     unit_scores: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
     unit_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def concat(parts: list[MatchOutput], dim: int) -> MatchOutput:
+        """Scores and unit scores of chunks joined along `dim` (1: entity chunks, 0: mention chunks)."""
+        if len(parts) == 1:
+            return parts[0]
+        return MatchOutput(scores=torch.cat([p.scores for p in parts], dim=dim),
+                           unit_scores={name: torch.cat([p.unit_scores[name] for p in parts], dim=dim)
+                                        for name in parts[0].unit_scores})

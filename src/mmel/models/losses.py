@@ -1,0 +1,46 @@
+"""Loss pieces every model's training objective shares (infrastructure, not any paper's unit).
+
+Shapes: B rows (mentions), N columns (entities); `labels` [B] is each row's gold column.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmel.core.errors import UsageError
+
+
+def same_entity_columns(labels: torch.Tensor, entity_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """[B, N] bool: column n holds the same entity as row b's gold column (its own gold column included).
+
+    `entity_ids` [N] names the entity of each column (e.g. its KB row): when two mentions of a
+    batch share a gold entity, the other copy is not a true negative.
+    """
+    if entity_ids.shape != (num_columns,):
+        raise UsageError(f"entity_ids must have shape ({num_columns},), got {tuple(entity_ids.shape)}")
+    entity_ids = entity_ids.to(labels.device)
+    return entity_ids[None, :] == entity_ids[labels][:, None]
+
+
+def usable_columns(labels: torch.Tensor, num_columns: int, entity_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B, N] bool: the columns that may enter row b's softmax (copies of its gold left out when ids are given)."""
+    usable = torch.ones((len(labels), num_columns), dtype=torch.bool, device=labels.device)
+    if entity_ids is None:
+        return usable
+    is_label = torch.arange(num_columns, device=labels.device)[None, :] == labels[:, None]
+    return ~same_entity_columns(labels, entity_ids, num_columns) | is_label
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, usable: torch.Tensor,
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE over `rows` (all rows if None) with unusable columns removed; 0 when no row is left."""
+    masked = logits.masked_fill(~usable, float("-inf"))
+    if rows is None:
+        return F.cross_entropy(masked, labels)
+    if not bool(rows.any()):
+        return logits.sum() * 0.0  # a zero that stays in the graph, so backward works on any batch
+    return F.cross_entropy(masked[rows], labels[rows])
+
+
+__all__ = ["masked_cross_entropy", "same_entity_columns", "usable_columns"]
