@@ -105,6 +105,16 @@ def _trainable(batch: FeatureBatch) -> FeatureBatch:
     return batch.map_tensors(torch.clone)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One thread per test process: with pytest-xdist workers sharing two cores, OpenMP's spinning
+    threads stall each other (measured: 100x slower small ops when the machine is oversubscribed)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def linker_backbone():
     """The offline backbone, with one intra-op thread.

@@ -22,8 +22,6 @@ from mmel.models.convert_official import (
 from mmel.models.m3el import M3ELModel
 from mmel.models.mimic import MIMICModel
 
-torch.set_num_threads(1)
-
 # The MIMIC and M3EL parts of shared/specs/official_keys.txt: name -> shape.
 DUAL_KEYS = {"cls_fc.weight": (96, 96), "cls_fc.bias": (96,), "tokens_fc.weight": (96, 96), "tokens_fc.bias": (96,),
              "fc.weight": (96, 96), "fc.bias": (96,), "gate_fc.weight": (1, 96), "gate_fc.bias": (1,),

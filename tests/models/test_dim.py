@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+from model_inputs import CLIP_DIMS, OFFLINE_DIMS, random_features, randomise
 
 from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError
@@ -13,52 +15,16 @@ from mmel.core.features import FeatureBatch, PooledView
 from mmel.models import MODELS, load_model
 from mmel.models.dim import DIMConfig, DIMModel, negative_columns
 
-CLIP_DIMS = {"text_dim": 512, "image_global_dim": 512, "image_patch_dim": 768}
-OFFLINE_DIMS = {"text_dim": 384, "image_global_dim": 1280, "image_patch_dim": 1280}
 HEADS = [False, True]
 HEAD_IDS = ["paper", "release"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def random_features(count: int, dims: dict[str, int], *, seed: int = 0, has_image: list[bool] | None = None,
-                    has_caption: list[bool] | None = None, dtype: torch.dtype = torch.float32,
-                    length: int = 4, patches: int = 3) -> FeatureBatch:
-    """A mention (or entity) batch with DIM's views; absent captions carry a zero vector, as the store writes."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=dtype)
-
-    caption_present = torch.tensor(has_caption if has_caption is not None else [True] * count)
-    caption = draw(count, dims["text_dim"]) * caption_present[:, None]
-    return FeatureBatch(
-        text_global=draw(count, dims["text_dim"]),
-        text_tokens=draw(count, length, dims["text_dim"]),
-        text_mask=torch.ones(count, length, dtype=torch.bool),
-        image_global=draw(count, dims["image_global_dim"]),
-        image_patches=draw(count, patches, dims["image_patch_dim"]),
-        has_image=torch.tensor(has_image if has_image is not None else [True] * count),
-        views={"mention": PooledView(draw(count, dims["text_dim"]), torch.ones(count, dtype=torch.bool)),
-               "caption": PooledView(caption, caption_present)},
-    )
+random_features = functools.partial(random_features, length=4, patches=3, has_caption=True)   # DIM's views
 
 
 def randomised_model(dims: dict[str, int], *, seed: int = 0, dtype: torch.dtype = torch.float32,
                      **options: object) -> DIMModel:
-    """A model whose every parameter (LayerNorms included) is random, so no term hides behind an identity."""
-    torch.manual_seed(seed)
-    model = DIMModel(DIMConfig(**dims, **options)).to(dtype)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.1)
-    return model.eval()
+    return randomise(DIMModel(DIMConfig(**dims, **options)), seed=seed, scale=0.1, dtype=dtype).eval()
 
 
 # --- a plain reference, written directly from models.md §4.3, §4.4, §4.7 --------------------------

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from model_inputs import CLIP_DIMS, random_features, randomise
 
 from mmel.core.config import ConfigError
 from mmel.core.features import FeatureBatch, FeatureViews
 from mmel.models import MODELS, load_model
 from mmel.models.m3el import M3ELConfig, M3ELModel
 
-torch.set_num_threads(1)
-
-CLIP_DIMS = {"text_dim": 512, "image_global_dim": 512, "image_patch_dim": 768}
 SMALL_DIMS = {"text_dim": 24, "image_global_dim": 20, "image_patch_dim": 28}
 RELEASE = {"mask_missing_images": False, "exclude_duplicate_negatives": False}
 TEMPERATURES = (2.0, 2.5, 3.5, 4.5, 99.0)
@@ -24,32 +23,12 @@ CMN_VARIANTS = [(False, True), (False, False), (True, True), (True, False)]
 CMN_IDS = ["t2v-release", "t2v-fixed", "bidirectional-release", "bidirectional-fixed"]
 
 
-def random_features(count: int, dims: dict[str, int], *, length: int = 40, patches: int = 50, seed: int = 0,
-                    has_image: list[bool] | None = None, dtype: torch.dtype = torch.float64) -> FeatureBatch:
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=dtype)
-
-    return FeatureBatch(
-        text_global=draw(count, dims["text_dim"]),
-        text_tokens=draw(count, length, dims["text_dim"]),
-        text_mask=torch.ones(count, length, dtype=torch.bool),
-        image_global=draw(count, dims["image_global_dim"]),
-        image_patches=draw(count, patches, dims["image_patch_dim"]),
-        has_image=torch.tensor(has_image if has_image is not None else [True] * count),
-    )
+random_features = functools.partial(random_features, dtype=torch.float64)   # float64: references at 1e-5
 
 
 def randomised_model(dims: dict[str, int], *, seed: int = 0, dtype: torch.dtype = torch.float64,
                      **options: object) -> M3ELModel:
-    """A model whose every parameter (LayerNorms included) is random, so no term hides behind an identity."""
-    torch.manual_seed(seed)
-    model = M3ELModel(M3ELConfig(**dims, **options)).to(dtype)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.2)
-    return model
+    return randomise(M3ELModel(M3ELConfig(**dims, **options)), seed=seed, dtype=dtype)
 
 
 # --- a plain reference, written directly from the equations of models.md §3.4-3.8 ---------------

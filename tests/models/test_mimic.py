@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from model_inputs import CLIP_DIMS, OFFLINE_DIMS, random_features, randomise
 
 from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError
@@ -15,37 +16,12 @@ from mmel.models import load_model
 from mmel.models.base import MelModel
 from mmel.models.mimic import MIMICConfig, MIMICModel
 
-CLIP_DIMS = {"text_dim": 512, "image_global_dim": 512, "image_patch_dim": 768}
-OFFLINE_DIMS = {"text_dim": 384, "image_global_dim": 1280, "image_patch_dim": 1280}
 RELEASE = {"mask_missing_images": False, "exclude_duplicate_negatives": False}
-
-
-def random_features(count: int, dims: dict[str, int], *, length: int = 40, patches: int = 50, seed: int = 0,
-                    has_image: list[bool] | None = None, dtype: torch.dtype = torch.float32) -> FeatureBatch:
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=dtype)
-
-    return FeatureBatch(
-        text_global=draw(count, dims["text_dim"]),
-        text_tokens=draw(count, length, dims["text_dim"]),
-        text_mask=torch.ones(count, length, dtype=torch.bool),
-        image_global=draw(count, dims["image_global_dim"]),
-        image_patches=draw(count, patches, dims["image_patch_dim"]),
-        has_image=torch.tensor(has_image if has_image is not None else [True] * count),
-    )
 
 
 def randomised_model(dims: dict[str, int], *, seed: int = 0, dtype: torch.dtype = torch.float32,
                      **options: bool) -> MIMICModel:
-    """A model whose every parameter (LayerNorms included) is random, so no term hides behind an identity."""
-    torch.manual_seed(seed)
-    model = MIMICModel(MIMICConfig(**dims, **options)).to(dtype)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.2)
-    return model
+    return randomise(MIMICModel(MIMICConfig(**dims, **options)), seed=seed, dtype=dtype)
 
 
 # --- a plain reference, written directly from the equations of models.md §1.3-1.7 ---------------
