@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mmel.core.config import ConfigError
@@ -21,14 +23,19 @@ def test_every_packaged_recipe_loads_and_its_template_renders_its_models_views()
         assert template_for_views(model.feature_views()).name == recipe.backbone.template, name
 
 
-def test_dim_recipes_have_the_release_scripts_hyper_parameters() -> None:
+def test_dim_release_recipe_has_the_release_scripts_hyper_parameters_and_cpu_recipes_change_only_the_rate() -> None:
+    release = load_recipe("dim-release")
+    optimizer, data = release.optimizer, release.data
+    assert (optimizer.lr, optimizer.eps, optimizer.weight_decay) == (5e-5, 1e-8, 1e-3)                # §4.5
+    assert (optimizer.schedule, optimizer.warmup_steps, release.trainer.gradient_clip_val) == ("linear", 100, 1.0)
+    assert (data.batch_size, data.hard_negatives, data.hard_negative_source) == (64, 1, "tfidf")
+    assert release.trainer.seed == 114514 and release.model.options["dropout"] == 0.4
+    assert release.trainer.max_epochs == 300 and release.model.options["entity_text"] == "desc"
     for name in ("dim-wikimel-cpu", "dim-richpediamel-cpu"):
-        recipe = load_recipe(name)
-        optimizer, data = recipe.optimizer, recipe.data
-        assert (optimizer.lr, optimizer.eps, optimizer.weight_decay) == (5e-5, 1e-8, 1e-3)       # §4.5
-        assert (optimizer.schedule, optimizer.warmup_steps, recipe.trainer.gradient_clip_val) == ("linear", 100, 1.0)
-        assert (data.batch_size, data.hard_negatives, data.hard_negative_source) == (64, 1, "tfidf")
-        assert recipe.trainer.seed == 114514 and recipe.model.options["dropout"] == 0.4
+        cpu = load_recipe(name)
+        assert (cpu.optimizer.lr, cpu.trainer.max_epochs) == (1e-3, 30)
+        assert dataclasses.replace(cpu.optimizer, lr=5e-5) == release.optimizer and cpu.data == release.data
+    assert load_recipe("dim-wikimel-cpu").model.options["entity_text"] == "name_desc"   # WikiMEL's KB names no one
 
 
 def test_paper_recipe_has_the_published_hyper_parameters() -> None:
