@@ -167,8 +167,10 @@ def _evaluate_dim_protocol(dataset: Dataset, split: str, method: str, features: 
     scorer = ModelScorer(model, features.entities, to_rank.features, progress=progress)
 
     def score_pairs(mention_rows: np.ndarray, entity_rows: np.ndarray) -> torch.Tensor:
+        """Scores [P] of (mention, entity) pairs; each distinct mention is encoded once."""
+        distinct, position = np.unique(mention_rows, return_inverse=True)
         with torch.inference_mode():
-            mentions = model.encode_mentions(to_rank.features.gather(mention_rows))
+            mentions = model.encode_mentions(to_rank.features.gather(distinct)).select(torch.as_tensor(position))
             return model.match_candidates(mentions, scorer.entity_cache,
                                           torch.as_tensor(entity_rows)[:, None]).scores[:, 0]   # [P]
 
