@@ -82,3 +82,38 @@ def test_a_checkpoint_links_through_index_cli_and_server(model_type, tiny_index,
                                 "--top-k", "3", "--json"])
     assert shell.exit_code == 0, shell.output
     assert json.loads(shell.stdout)["candidates"][0]["qid"] == gold
+
+
+def test_a_dual_encoder_index_ranks_the_whole_kb_by_the_models_own_scores(tiny_index, linker_backbone, tmp_path):
+    """DIM's score is one cosine per pair: FAISS over its own vectors, no reranking, is exact full-KB ranking."""
+    from mmel.core.errors import UsageError
+    from mmel.retrieval.index_build import IndexBuildConfig
+
+    model, views = _trained_head("dim", tiny_index, linker_backbone, tmp_path / "store")
+    checkpoint = tmp_path / "dim"
+    model.save_pretrained(checkpoint, metadata={
+        "backbone": {"name": linker_backbone.name, "fingerprint": linker_backbone.fingerprint, "num_patches": 49},
+        "preprocess": {"template": template_for_views(views).to_dict(), "max_text_length": 40}})
+    config = IndexBuildConfig(first_stage="dense", reranker="none", vectors="model")
+    build_index(tiny_index.dataset, checkpoint, tmp_path / "index", config=config, features_store=tmp_path / "store",
+                backbone=linker_backbone, progress=False)
+    dataset = tiny_index.dataset
+    features = build_features(dataset, linker_backbone, tmp_path / "store", template=template_for_views(views).name,
+                              extra_views=views.mention_extra, progress=False, num_threads=1)
+    with torch.inference_mode():
+        exact = model.match(model.encode_mentions(features.mentions["train"].gather(np.arange(9))),
+                            model.encode_entities(features.entities.gather(np.arange(len(dataset.kb))))).scores
+    with Linker.load(tmp_path / "index", backbone=linker_backbone) as linker:
+        assert linker.info()["vectors"] == "model" and linker.info()["reranker"] == "none"
+        results = linker.link_mentions(dataset.split("train"), tiny_index.root, top_k=len(dataset.kb),
+                                       candidates_k=len(dataset.kb))
+    for row, result in enumerate(results):
+        order = torch.argsort(exact[row], descending=True, stable=True)
+        assert [c.qid for c in result.candidates] == [dataset.kb.qids[i] for i in order.tolist()]
+        # queries are encoded on the fly (float32), the reference reads them from the float16 store
+        np.testing.assert_allclose([c.score for c in result.candidates], exact[row][order].numpy(), atol=1e-4)
+
+    mimic_config = IndexBuildConfig(first_stage="dense", reranker="none", vectors="model")
+    with pytest.raises(UsageError, match="cannot search its scores"):
+        build_index(dataset, tiny_index.checkpoint, tmp_path / "mimic-index", config=mimic_config,
+                    features_store=tmp_path / "store-mimic", backbone=linker_backbone, progress=False)

@@ -37,6 +37,10 @@ def build(
     ivf_probes: Annotated[int, typer.Option(min=1, help="IVF lists scanned per query (large KBs): more finds more "
                                                          "of the true nearest entities, slower.")] = 16,
     reranker: Annotated[str, typer.Option(help="Rerank candidates with the 'model', or 'none'.")] = "model",
+    vectors: Annotated[str, typer.Option(help="What the dense first stage searches: the 'backbone' text vectors, "
+                                              "or the 'model''s own (a dual encoder such as DIM: with "
+                                              "--first-stage dense --reranker none, exact full-KB ranking).")
+                       ] = "backbone",
     cache_dtype: Annotated[str, typer.Option(help="Reranker cache storage: auto, float32 or float16.")] = "auto",
     name_prior_weight: Annotated[float | None, typer.Option(
         min=0.0, help="Weight of the surface-name match added to reranker scores (default: the weight tuned "
@@ -48,7 +52,7 @@ def build(
     from mmel.retrieval.index_build import IndexBuildConfig, build_index
 
     with exit_on_user_errors():
-        config = IndexBuildConfig(first_stage=first_stage.value, vector_index=kind, reranker=reranker,
+        config = IndexBuildConfig(first_stage=first_stage.value, vector_index=kind, reranker=reranker, vectors=vectors,
                                   exact_max_entities=exact_max_entities, ivf_num_probes=ivf_probes,
                                   cache_dtype=cache_dtype,
                                   name_prior_weight=name_prior_weight)

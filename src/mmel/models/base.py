@@ -160,6 +160,19 @@ class MelModel(nn.Module):
             raise MismatchError(f"features have widths {found} but this {type(self).__name__} expects {expected}; "
                                 "use features from the backbone the model was trained with")
 
+    # --- optional: a dual encoder's vectors ------------------------------------------------------
+    def retrieval_vectors(self, entities: RowCache) -> torch.Tensor | None:
+        """[N, D] vectors whose inner product with `query_vectors` is `match`'s score, or None (default).
+
+        A model whose score is one inner product per pair (DIM's cosine) returns them, so an index
+        can search the model's own scores exactly with FAISS and skip reranking.
+        """
+        return None
+
+    def query_vectors(self, mentions: RowCache) -> torch.Tensor | None:
+        """[B, D] the mention side of `retrieval_vectors`, or None (default)."""
+        return None
+
     # --- scoring contract -------------------------------------------------------------------
     def encode_entities(self, entities: FeatureBatch) -> RowCache:
         """Everything about the N entities that does not depend on a mention."""

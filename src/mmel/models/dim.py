@@ -215,6 +215,13 @@ class DIMModel(MelModel):
     def encode_mentions(self, mentions: FeatureBatch) -> DIMMentionCache:
         return DIMMentionCache(unit_query=F.normalize(self.query(mentions), dim=-1))
 
+    def retrieval_vectors(self, entities: DIMEntityCache) -> torch.Tensor:
+        """The unit entity vectors: their inner product with `query_vectors` is DIM's cosine score."""
+        return entities.unit_feature
+
+    def query_vectors(self, mentions: DIMMentionCache) -> torch.Tensor:
+        return mentions.unit_query
+
     # --- scoring (§4.7): cosine of query and entity vector --------------------------------------
     def match(self, mentions: DIMMentionCache, entities: DIMEntityCache) -> MatchOutput:
         """Cosine scores [B, N] of every mention against every entity."""

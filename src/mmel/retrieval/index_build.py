@@ -66,6 +66,7 @@ ENTITIES_FILE = "entities.sqlite"
 CACHE_DIR = "entity_cache"
 NIL_FILE = "nil.json"
 RERANKERS = ("model", "none")
+VECTOR_SOURCES = ("backbone", "model")
 CACHE_DTYPES = ("auto", "float32", "float16")
 CHANGE_LOG_LENGTH = 100   # manifest keeps the last this many add/remove records
 DEFAULT_TEMPLATE = "mimic"
@@ -78,6 +79,10 @@ class IndexBuildConfig(ConfigBase):
 
     first_stage: str = "hybrid"              # 'dense' (FAISS), 'bm25' (entity names) or 'hybrid' (both, fused)
     reranker: str = "model"                  # 'model' (rerank with the checkpoint) or 'none' (first stage only)
+    # What the dense first stage searches: the backbone's global text vectors ('backbone'), or the
+    # model's own retrieval vectors ('model', for a dual encoder such as DIM: with first_stage
+    # 'dense' and reranker 'none' the index ranks the whole KB by the model's exact scores).
+    vectors: str = "backbone"
     vector_index: str = "auto"               # FAISS kind: 'auto', 'flat' (exact), 'hnsw' or 'ivf'
     exact_max_entities: int = 200_000        # 'auto' is exact up to this many entities, IVF above
     ivf_num_probes: int = 16                 # IVF lists scanned per query: more finds more, slower
@@ -89,6 +94,7 @@ class IndexBuildConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         choices = (("first_stage", FIRST_STAGES), ("reranker", RERANKERS), ("cache_dtype", CACHE_DTYPES),
+                   ("vectors", VECTOR_SOURCES),
                    ("vector_index", INDEX_KINDS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -224,7 +230,7 @@ def build_index(dataset: Dataset, checkpoint_dir: Path, out_dir: Path, *, config
                                                 report)
             layout = CacheLayout.for_model(model, spec.max_text_length, spec.image_tokens)
             vectors, with_image = _write_entity_cache(tmp / CACHE_DIR, layout, model, kb, batches, storage_dtype,
-                                                      Path(dataset.root).resolve(), progress)
+                                                      Path(dataset.root).resolve(), progress, config.vectors)
         with _stage(stages, "vectors"):
             vectors_index = VectorIndex.build(vectors, kb.qids, config.vector_index_config(), progress=progress,
                                               metadata=_vector_metadata(spec))
@@ -257,10 +263,26 @@ def encode_entity_batches(backbone: Backbone, entities: Sequence[Entity], images
                            extra_texts=extra_view_texts(spec.views, "entity", chunk))
 
 
-def encode_cache_and_vectors(model: MelModel, batch: FeatureBatch) -> tuple[Any, np.ndarray]:
-    """The model's entity cache and the unit-length first-stage vectors [B, Dt] of one feature batch."""
-    vectors = torch.nn.functional.normalize(batch.text_global.float(), dim=-1).cpu().numpy()   # [B, Dt]
-    return model.encode_entities(batch), vectors
+def encode_cache_and_vectors(model: MelModel, batch: FeatureBatch,
+                             source: str = "backbone") -> tuple[Any, np.ndarray]:
+    """The model's entity cache and the first-stage vectors of one feature batch.
+
+    `source` 'backbone': the unit-length global text vectors [B, Dt]; 'model': the model's own
+    retrieval vectors [B, D] (`MelModel.retrieval_vectors`).
+    """
+    cache = model.encode_entities(batch)
+    if source == "model":
+        return cache, model_retrieval_vectors(model, cache)
+    return cache, torch.nn.functional.normalize(batch.text_global.float(), dim=-1).cpu().numpy()   # [B, Dt]
+
+
+def model_retrieval_vectors(model: MelModel, cache: Any) -> np.ndarray:
+    """[N, D] float32 retrieval vectors of an entity cache; a clear error for a model that has none."""
+    vectors = model.retrieval_vectors(cache)
+    if vectors is None:
+        raise UsageError(f"{type(model).__name__} scores pairs with more than one inner product, so an index cannot "
+                         "search its scores with FAISS; build it with vectors 'backbone' (the default)")
+    return vectors.float().cpu().numpy()
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
@@ -277,7 +299,7 @@ def describe_index(index_dir: Path) -> dict[str, Any]:
     nil_path = index_dir / NIL_FILE
     return {"directory": str(index_dir), "entities": vectors["count"], "vector_index": vectors["kind"],
             "nil_threshold": read_json(nil_path)["threshold"] if nil_path.is_file() else None,
-            "bytes_on_disk": _directory_bytes(index_dir),
+            "bytes_on_disk": _directory_bytes(index_dir), "vectors": manifest.get("vectors", "backbone"),
             **{key: manifest[key] for key in ("model", "backbone", "preprocess", "kb", "first_stage", "reranker",
                                               "cache_dtype", "revision", "created", "mmel_version")},
             "last_changes": manifest.get("changes", [])[-5:]}
@@ -339,7 +361,7 @@ def _stored_feature_batches(dataset: Dataset, backbone: Backbone, spec: ModelSpe
 
 def _write_entity_cache(directory: Path, layout: CacheLayout, model: MelModel, kb: KnowledgeBase,
                         batches: Iterator[FeatureBatch], storage_dtype: str, images_root: Path,
-                        progress: bool) -> tuple[np.ndarray, int]:
+                        progress: bool, source: str) -> tuple[np.ndarray, int]:
     """Encode every entity's cache into one segment, streamed to disk; return the vectors [N, Dt] and image count."""
     vectors: list[np.ndarray] = []
     with_image = 0
@@ -348,7 +370,7 @@ def _write_entity_cache(directory: Path, layout: CacheLayout, model: MelModel, k
         nonlocal with_image
         with tqdm(total=len(kb), desc="encoding entities", unit="entity", disable=not progress) as bar:
             for batch in batches:
-                cache, batch_vectors = encode_cache_and_vectors(model, batch)
+                cache, batch_vectors = encode_cache_and_vectors(model, batch, source)
                 vectors.append(batch_vectors)
                 with_image += int(batch.has_image.sum())
                 bar.update(len(batch))
@@ -375,7 +397,8 @@ def _new_manifest(spec: ModelSpec, config: IndexBuildConfig, dataset: Dataset, s
         "preprocess": {"template": spec.template.to_dict(), "max_text_length": spec.max_text_length},
         "kb": {"dataset": dataset.name, "checksum_at_build": kb_checksum(dataset.kb),
                "entities_at_build": len(dataset.kb), "with_image_at_build": with_image},
-        "first_stage": config.first_stage, "reranker": config.reranker, "vector_index": vector_kind,
+        "first_stage": config.first_stage, "reranker": config.reranker, "vectors": config.vectors,
+        "vector_index": vector_kind,
         "bm25_fields": config.bm25_fields, "cache_dtype": storage_dtype,
         "name_prior_weight": spec.name_prior_weight if config.name_prior_weight is None else config.name_prior_weight,
         "build_config": config.to_dict(), "revision": 0, "changes": [],

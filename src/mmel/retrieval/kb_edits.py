@@ -86,7 +86,8 @@ class KBEdits:
             batches = encode_entity_batches(self.backbone, entities, images_root, self.spec, batch_size,
                                             report.image_report)
             for batch in tqdm(batches, desc="encoding entities", unit="batch", disable=not progress):
-                cache, batch_vectors = encode_cache_and_vectors(self.model, batch)
+                cache, batch_vectors = encode_cache_and_vectors(self.model, batch, self.manifest.get("vectors",
+                                                                                                   "backbone"))
                 caches.append(cache)
                 vectors.append(batch_vectors)
             qids = [entity.qid for entity in entities]

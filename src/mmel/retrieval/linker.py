@@ -244,7 +244,10 @@ class Linker(KBEdits):
 
     def _rank_encoded(self, mentions: list[Mention], features: FeatureBatch, top_k: int,
                       candidates_k: int) -> list[LinkResult]:
-        query_vectors = features.text_global.float().cpu().numpy()                      # [B, Dt]
+        if self.manifest.get("vectors", "backbone") == "model":      # the model's own scores, searched exactly
+            query_vectors = self.model.query_vectors(self.model.encode_mentions(features)).float().cpu().numpy()
+        else:
+            query_vectors = features.text_global.float().cpu().numpy()                  # [B, Dt]
         shortlists = self._first_stage.retrieve(mentions, query_vectors, candidates_k)
         prior = self.name_prior_weight
         shortlisted = self.entities([qid for shortlist in shortlists for qid, _ in shortlist]) if prior > 0 else {}
@@ -308,7 +311,8 @@ class Linker(KBEdits):
             "backbone": self.manifest["backbone"]["name"], "backbone_fingerprint": self.backbone.fingerprint,
             "template": self.spec.template.name, "max_text_length": self.spec.max_text_length,
             "first_stage": self.manifest["first_stage"], "vector_index": self._vectors.kind,
-            "reranker": self.manifest["reranker"], "cache_dtype": self._cache.storage_dtype,
+            "reranker": self.manifest["reranker"], "vectors": self.manifest.get("vectors", "backbone"),
+            "cache_dtype": self._cache.storage_dtype,
             "cache_segments": self._cache.num_segments, "cache_rows_on_disk": self._cache.stored_rows(),
             "kb_checksum_at_build": self.manifest["kb"]["checksum_at_build"],
             "revision": self.manifest.get("revision", 0),
