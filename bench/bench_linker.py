@@ -97,6 +97,12 @@ class Settings:
     exhaustive_max_entities: int   # its whole-KB cache is float32 in memory: 19 KB per entity
     threads: int
     seed: int
+    index_options: tuple[tuple[str, str], ...] = ()   # IndexBuildConfig overrides (e.g. a dual encoder's own vectors)
+
+    @property
+    def index_config(self) -> IndexBuildConfig:
+        """Dense first stage unless `index_options` say otherwise (`--index-set vectors=model ...`)."""
+        return IndexBuildConfig.from_dict({"first_stage": "dense", **dict(self.index_options)})
 
     @property
     def sample_size(self) -> int:
@@ -313,7 +319,7 @@ def run_build(size: int, settings: Settings, workdir: Path, backbone: Backbone |
     table = entity_table(size, spec, backbone_dims(features), settings.seed, queries, features)
     dataset = Dataset(name=f"synthetic-{size}", kb=kb, splits={}, root=workdir)
     report = build_index(dataset, settings.checkpoint, workdir / INDEX_DIR,
-                         config=IndexBuildConfig(first_stage="dense"), entity_features=table, progress=False)
+                         config=settings.index_config, entity_features=table, progress=False)
     stages = dict(report.stage_seconds)
     stages["entity_cache"] -= table.generation_seconds
     index = workdir / INDEX_DIR
@@ -513,6 +519,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads in every child")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built while measuring")
+    parser.add_argument("--index-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an IndexBuildConfig setting (repeat); vectors=model reranker=none: DIM's own index")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -521,7 +529,8 @@ def main() -> None:
     args = parse_arguments()
     settings = Settings(checkpoint=args.checkpoint.resolve(), ks=tuple(args.k), latency_queries=args.latency_queries,
                         batch_queries=args.batch_queries, exhaustive_pairs=args.exhaustive_pairs,
-                        exhaustive_max_entities=args.exhaustive_max_entities, threads=args.threads, seed=args.seed)
+                        exhaustive_max_entities=args.exhaustive_max_entities, threads=args.threads, seed=args.seed,
+                        index_options=tuple(tuple(item.split("=", 1)) for item in args.index_set))
     results: dict[str, Any] = {
         "machine": {**machine(), "platform": platform.platform(), "torch": torch.__version__,
                     "load_average_at_start": list(os.getloadavg())},
