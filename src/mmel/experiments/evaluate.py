@@ -250,10 +250,13 @@ def _rank_served(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featu
         linked = linker.rank_features(to_rank.mentions, to_rank.features, top_k=num_candidates,
                                       candidates_k=num_candidates, progress=progress)
         model_type = linker.manifest["model"]["model_type"]
+        vectors, reranker = linker.manifest.get("vectors", "backbone"), linker.manifest["reranker"]
     result = ranking_from_links(linked, to_rank.gold_rows, dataset.kb.qids)
     model_name = _model_label(model_type, checkpoint)
-    extra: dict = {"ranking": f"two-stage through the served linker: {first_stage} top {num_candidates}, "
-                              "reranked by the model; unretrieved golds tie with every unretrieved entity"}
+    stage = f"{first_stage} top {num_candidates} over the {vectors}'s vectors"
+    scored = "reranked by the model" if reranker == "model" else "not reranked (the first stage's scores)"
+    extra: dict = {"ranking": f"two-stage through the served linker: {stage}, {scored}; unretrieved golds tie "
+                              "with every unretrieved entity", "vectors": vectors, "reranker": reranker}
     if name_prior_weight > 0:
         model_name, extra = f"{model_name}+name-prior", {**extra, "name_prior_weight": name_prior_weight}
     return result, f"{model_name}+{first_stage}@{num_candidates}", features.backbone_fingerprint, extra
