@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from mmel.backbones import load_backbone
 from mmel.core.images import ImageReport, load_image
 from mmel.core.paths import atomic_write_json
-from mmel.features.store import encode_image_batches, encode_text_batches
+from mmel.features.encoding import encode_image_batches, encode_text_batches
 from mmel.features.templates import get_template
 
 WORDS = ("the", "river", "album", "footballer", "born", "city", "party", "film", "singer", "war", "museum", "club",

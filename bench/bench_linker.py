@@ -66,7 +66,7 @@ from mmel.core.types import Dataset, KnowledgeBase, LinkResult, Mention
 from mmel.data.synthetic import generate_kb, generate_mentions, render_image
 from mmel.evaluation.protocols import rank_full_kb
 from mmel.experiments.ranking import ModelScorer
-from mmel.features.store import encode_items
+from mmel.features.encoding import encode_items
 from mmel.models import load_model
 from mmel.retrieval.index_build import IndexBuildConfig, ModelSpec, build_index, load_checked_backbone
 from mmel.retrieval.linker import LINK_BATCH_SIZE, Linker, MentionQuery

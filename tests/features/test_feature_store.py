@@ -15,7 +15,8 @@ from mmel.core.errors import DataError, MismatchError, PathEscapeError
 from mmel.core.features import FeatureBatch
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
 from mmel.features import build_features, describe_store, encode_items, get_template, list_views, open_features
-from mmel.features.store import prune_store, resolve_image_batch_size
+from mmel.features.encoding import resolve_image_batch_size
+from mmel.features.prune import prune_store
 
 
 def _build(dataset, backbone, store, **options):

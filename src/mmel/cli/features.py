@@ -108,7 +108,7 @@ def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
 ) -> None:
     """Delete views, then the cache shards no remaining view uses (run it while no build writes to the store)."""
-    from mmel.features.store import prune_store
+    from mmel.features.prune import prune_store
 
     with exit_on_user_errors():
         report = prune_store(store, drop_views=drop_views or [], dry_run=dry_run)

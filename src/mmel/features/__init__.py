@@ -14,7 +14,7 @@ _EXPORTS = {
     "StoredFeatureTable": "mmel.features.store",
     "build_features": "mmel.features.store",
     "describe_store": "mmel.features.store",
-    "encode_items": "mmel.features.store",
+    "encode_items": "mmel.features.encoding",
     "list_views": "mmel.features.store",
     "open_features": "mmel.features.store",
     "TEMPLATES": "mmel.features.templates",

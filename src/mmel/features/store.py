@@ -29,7 +29,8 @@ are stored as references to the single blank-image entry, never as copies of it.
 Further named text views (`extra_views`, e.g. DIM's `mention` and `caption`) go through the same
 text cache; a build keeps the further views and the splits a view already held.
 
-One writer per store at a time; readers may open views while a build runs elsewhere.
+One writer per store at a time; readers may open views while a build runs elsewhere. The shards
+live in `shards.py`, the backbone calls in `encoding.py`, and reclaiming space in `prune.py`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import contextlib
 import hashlib
 import logging
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +57,8 @@ from mmel.core.features import FeatureBatch, PooledView
 from mmel.core.images import ImageReport, decode_image_bytes, read_image_bytes
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset
+from mmel.features.encoding import encode_image_batches, encode_text_batches, resolve_image_batch_size
+from mmel.features.shards import ShardCache, content_key
 from mmel.features.templates import TextTemplate, get_template, text_view
 
 logger = logging.getLogger(__name__)
@@ -69,153 +71,6 @@ ENTITY_TABLE = "entities"
 MANIFEST_FILE = "manifest.json"
 IMAGES_PER_TEXT_SHARD = 8   # image entries are ~30x larger than text entries: shards hold 1/8 as many
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-
-
-def content_key(data: bytes) -> str:
-    """32 hex characters identifying `data` (BLAKE2b-128)."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-# --- content-addressed shards ----------------------------------------------------------------
-
-class ShardCache:
-    """A directory of immutable shards of equal-length arrays, with a key -> (shard, row) index."""
-
-    def __init__(self, directory: Path, fields: tuple[str, ...]):
-        self.directory = Path(directory)
-        self.fields = fields
-        self._arrays: dict[str, dict[str, np.ndarray]] = {}
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Re-read the keys of every finished shard (temporary directories start with '.' and are skipped)."""
-        names = sorted(p.name for p in self.directory.glob("shard-*")) if self.directory.is_dir() else []
-        keys = [np.load(self.directory / name / "keys.npy") for name in names]
-        self.shard_names = names
-        all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype="S32")
-        shard_ids = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(keys)]) if keys \
-            else np.zeros(0, dtype=np.int32)
-        rows = np.concatenate([np.arange(len(k), dtype=np.int32) for k in keys]) if keys \
-            else np.zeros(0, dtype=np.int32)
-        order = np.argsort(all_keys, kind="stable")
-        self._sorted_keys = all_keys[order]
-        self._sorted_refs = np.stack([shard_ids[order], rows[order]], axis=1)  # [K, 2]
-
-    def __len__(self) -> int:
-        return len(self._sorted_keys)
-
-    def lookup(self, keys: Sequence[str]) -> np.ndarray:
-        """[len(keys), 2] (shard index into `shard_names`, row); (-1, -1) where a key is absent."""
-        query = np.asarray(keys, dtype="S32")
-        refs = np.full((len(query), 2), -1, dtype=np.int32)
-        if len(self._sorted_keys) == 0 or len(query) == 0:
-            return refs
-        position = np.searchsorted(self._sorted_keys, query).clip(max=len(self._sorted_keys) - 1)
-        found = self._sorted_keys[position] == query
-        refs[found] = self._sorted_refs[position[found]]
-        return refs
-
-    def write_shard(self, keys: list[str], arrays: dict[str, np.ndarray]) -> str:
-        """Write one shard atomically; its name is derived from its keys, so a rewrite is idempotent."""
-        name = "shard-" + content_key("\n".join(keys).encode("ascii"))[:16]
-        target = self.directory / name
-        if not target.exists():
-            with atomic_directory(target) as tmp:
-                np.save(tmp / "keys.npy", np.asarray(keys, dtype="S32"))
-                for field_name in self.fields:
-                    np.save(tmp / f"{field_name}.npy", arrays[field_name])
-        return name
-
-    def arrays(self, shard_name: str) -> dict[str, np.ndarray]:
-        """The shard's arrays, memory-mapped read-only (opened once)."""
-        if shard_name not in self._arrays:
-            shard_dir = self.directory / shard_name
-            if not shard_dir.is_dir():
-                raise MismatchError(f"{shard_dir}: shard is missing from the feature store; rebuild the features")
-            self._arrays[shard_name] = {f: np.load(shard_dir / f"{f}.npy", mmap_mode="r") for f in self.fields}
-        return self._arrays[shard_name]
-
-    def gather(self, shard_names: Sequence[str], refs: np.ndarray, field_name: str, out: np.ndarray) -> None:
-        """Fill out[i] with `field_name` at refs[i] = (index into shard_names, row); rows with shard -1 untouched."""
-        for shard_index in np.unique(refs[:, 0]):
-            if shard_index < 0:
-                continue
-            selected = np.nonzero(refs[:, 0] == shard_index)[0]
-            source = self.arrays(shard_names[shard_index])[field_name]
-            rows = refs[selected, 1]
-            order = np.argsort(rows, kind="stable")   # ascending reads are kinder to the page cache
-            out[selected[order]] = source[rows[order]]
-
-
-# --- encoding (shared by the store and the on-the-fly path) ------------------------------------
-
-def encode_text_batches(backbone: Backbone, texts: Sequence[str], max_text_length: int,
-                        batch_size: int) -> Iterator[TextFeatures]:
-    """Encode `texts` in order, `batch_size` at a time (grad mode is the caller's choice)."""
-    for start in range(0, len(texts), batch_size):
-        yield backbone.encode_texts(list(texts[start:start + batch_size]), max_text_length)
-
-
-def encode_image_batches(backbone: Backbone, images: Sequence[Image.Image], batch_size: int) -> Iterator[ImageFeatures]:
-    for start in range(0, len(images), batch_size):
-        yield backbone.encode_images(list(images[start:start + batch_size]))
-
-
-def resolve_image_batch_size(backbone: Backbone, requested: int | None, batch_size: int) -> int:
-    """`requested`, or by default 1 on CPU and `batch_size` on an accelerator.
-
-    On CPU a batch of images is slower than a loop over them (measured 0.8x for EfficientNet-Lite0 at
-    8 images per call, see bench/bench_encode.py): the activations of several images leave the cache.
-    """
-    if requested is not None:
-        return requested
-    device = getattr(backbone, "device", None)
-    return batch_size if device is not None and torch.device(device).type != "cpu" else 1
-
-
-def encode_items(backbone: Backbone, texts: Sequence[str], images: Sequence[Image.Image | None], *,
-                 max_text_length: int = 40, batch_size: int = 64, image_batch_size: int | None = None,
-                 extra_texts: dict[str, Sequence[str | None]] | None = None) -> FeatureBatch:
-    """Encode items on the fly (fine-tuning path): the same calls the store makes, without the cache.
-
-    `images[i] is None` means no image: that row gets the blank-image features and has_image False.
-    `extra_texts` maps a further view's name to each item's text in it (None: absent), pooled.
-    """
-    if len(texts) != len(images):
-        raise UsageError(f"encode_items needs one image (or None) per text: {len(texts)} texts, {len(images)} images")
-    if not texts:
-        raise UsageError("encode_items needs at least one item")
-    text_parts = list(encode_text_batches(backbone, texts, max_text_length, batch_size))
-    has_image = torch.tensor([image is not None for image in images], dtype=torch.bool)   # [B]
-    blank = backbone.encode_blank_images(1)
-    image_global = blank.global_.expand(len(texts), -1).clone()                         # [B, Dg]
-    image_patches = blank.patches.expand(len(texts), -1, -1).clone()                    # [B, P, Dp]
-    present = [image for image in images if image is not None]
-    if present:
-        parts = list(encode_image_batches(backbone, present, resolve_image_batch_size(backbone, image_batch_size,
-                                                                                      batch_size)))
-        rows = has_image.nonzero().squeeze(1).to(image_global.device)
-        image_global[rows] = torch.cat([p.global_ for p in parts])
-        image_patches[rows] = torch.cat([p.patches for p in parts])
-    text_global = torch.cat([p.global_ for p in text_parts])                             # [B, Dt]
-    views = {name: _encode_pooled_view(backbone, view_texts, text_global, max_text_length, batch_size)
-             for name, view_texts in (extra_texts or {}).items()}
-    return FeatureBatch(text_global=text_global, text_tokens=torch.cat([p.tokens for p in text_parts]),
-                        text_mask=torch.cat([p.mask for p in text_parts]),
-                        image_global=image_global, image_patches=image_patches,
-                        has_image=has_image.to(image_global.device), views=views)
-
-
-def _encode_pooled_view(backbone: Backbone, texts: Sequence[str | None], like: torch.Tensor, max_text_length: int,
-                        batch_size: int) -> PooledView:
-    """Pooled vectors [B, Dt] of the present texts, zero rows where a text is None."""
-    present = torch.tensor([text is not None for text in texts], dtype=torch.bool)
-    vectors = torch.zeros_like(like)
-    given = [text for text in texts if text is not None]
-    if given:
-        encoded = torch.cat([p.global_ for p in encode_text_batches(backbone, given, max_text_length, batch_size)])
-        vectors[present.nonzero().squeeze(1).to(vectors.device)] = encoded.to(vectors.dtype)
-    return PooledView(global_=vectors, present=present.to(vectors.device))
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -774,76 +629,5 @@ def describe_store(store_dir: Path) -> dict[str, Any]:
     return {"store": str(store_dir), "views": views, "caches": caches, "total_bytes": directory_bytes(store_dir)}
 
 
-# --- pruning ------------------------------------------------------------------------------------
-
-@dataclass
-class PruneReport:
-    """What `prune_store` removed (or would remove, in a dry run)."""
-
-    views_removed: list[str] = field(default_factory=list)      # "dataset/view_id"
-    shards_removed: list[str] = field(default_factory=list)     # paths relative to the store
-    bytes_freed: int = 0
-    dry_run: bool = False
-
-    def summary(self) -> str:
-        verb = "would free" if self.dry_run else "freed"
-        return (f"{len(self.views_removed)} views and {len(self.shards_removed)} cache shards removed; "
-                f"{verb} {self.bytes_freed / 2**20:,.1f} MiB")
-
-
-def prune_store(store_dir: Path, *, drop_views: Sequence[str] = (), dry_run: bool = False) -> PruneReport:
-    """Remove the views `drop_views` ("dataset/view_id"), then every cache shard no remaining view lists.
-
-    Shards are shared between views, so a shard stays while any view lists it; leftovers of
-    interrupted builds (dot-directories) go too. Run it while no build writes to the store.
-    """
-    store_dir = Path(store_dir)
-    present = {f"{dataset}/{view}" for dataset, views in list_views(store_dir).items() for view in views}
-    unknown = sorted(set(drop_views) - present)
-    if unknown:
-        raise DataError(f"no such views {unknown}; present: {sorted(present) or 'none'}", path=store_dir)
-    kept = {shard for view in present - set(drop_views) for shard in _listed_shards(store_dir, view)}
-    views = [store_dir / "views" / view for view in sorted(set(drop_views))]
-    shards = [shard for shard in _cache_shard_dirs(store_dir) if str(shard.relative_to(store_dir)) not in kept]
-    report = PruneReport(views_removed=sorted(set(drop_views)), dry_run=dry_run,
-                         shards_removed=[str(shard.relative_to(store_dir)) for shard in shards],
-                         bytes_freed=sum(directory_bytes(path) for path in views + shards))
-    if not dry_run:
-        for path in views + shards:
-            shutil.rmtree(path)
-    return report
-
-
-def _cache_shard_dirs(store_dir: Path) -> list[Path]:
-    """Every shard directory (finished or a leftover '.shard-*' of an interrupted build) in every cache namespace."""
-    kind_dirs = sorted((store_dir / "cache").glob("*/*/*")) if (store_dir / "cache").is_dir() else []
-    return [shard for kind_dir in kind_dirs if kind_dir.is_dir() and kind_dir.name != "image-blank"
-            for shard in sorted(kind_dir.iterdir()) if shard.is_dir()]
-
-
-def _listed_shards(store_dir: Path, view: str) -> set[str]:
-    """Store-relative paths of the text and image shards a view's manifest lists."""
-    manifest = read_json(store_dir / "views" / view / MANIFEST_FILE)
-    namespace = Path(manifest["cache"])
-    text_dir = namespace / f"text-L{manifest['max_text_length']}"
-    return ({str(text_dir / name) for name in manifest["text_shards"]}
-            | {str(namespace / "image" / name) for name in manifest["image_shards"]})
-
-
-__all__ = [
-    "BuildReport",
-    "DatasetFeatures",
-    "PruneReport",
-    "ShardCache",
-    "StoredFeatureTable",
-    "build_features",
-    "content_key",
-    "describe_store",
-    "encode_image_batches",
-    "encode_items",
-    "encode_text_batches",
-    "list_views",
-    "open_features",
-    "prune_store",
-    "resolve_image_batch_size",
-]
+__all__ = ["BuildReport", "DatasetFeatures", "StoredFeatureTable", "build_features", "describe_store", "list_views",
+           "open_features"]

@@ -44,7 +44,8 @@ from mmel.core.images import ImageReport, load_image
 from mmel.core.manifest import read_manifest as read_versioned_manifest
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset, Entity, KnowledgeBase
-from mmel.features.store import build_features, encode_items
+from mmel.features.encoding import encode_items
+from mmel.features.store import build_features
 from mmel.features.templates import TextTemplate, extra_view_texts, get_template, template_for_views
 from mmel.lexical.bm25 import BM25Index
 from mmel.models import MODELS, load_model

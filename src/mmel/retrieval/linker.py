@@ -36,7 +36,7 @@ from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Candidate, Entity, LinkResult, Mention, locate_span
-from mmel.features.store import encode_items
+from mmel.features.encoding import encode_items
 from mmel.features.templates import extra_view_texts
 from mmel.lexical.bm25 import BM25Index
 from mmel.models import load_model

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from mmel.backbones.base import Backbone
 from mmel.core.features import FeatureBatch
 from mmel.evaluation import rank_full_kb, ranking_metrics, ranks_from_counts
-from mmel.features.store import encode_items
+from mmel.features.encoding import encode_items
 from mmel.models.base import MelModel
 from mmel.training.datamodule import DevBatch, InputTable, ItemBatch, ModelInput, TrainBatch
 from mmel.training.recipe import OptimizerSection, ValidationSection
