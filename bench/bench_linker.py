@@ -67,6 +67,7 @@ from mmel.data.synthetic import generate_kb, generate_mentions, render_image
 from mmel.evaluation.protocols import rank_full_kb
 from mmel.experiments.ranking import ModelScorer
 from mmel.features.encoding import encode_items
+from mmel.features.templates import extra_view_texts
 from mmel.models import load_model
 from mmel.retrieval.index_build import IndexBuildConfig, ModelSpec, build_index, load_checked_backbone
 from mmel.retrieval.linker import LINK_BATCH_SIZE, Linker, MentionQuery
@@ -262,8 +263,10 @@ def encode_queries(backbone: Backbone, spec: ModelSpec, queries: list[Query],
     parts = []
     for start in range(0, len(queries), LINK_BATCH_SIZE):
         stop = start + LINK_BATCH_SIZE
-        parts.append(encode_items(backbone, [spec.template.mention_text(q.mention) for q in queries[start:stop]],
-                                  images[start:stop], max_text_length=spec.max_text_length))
+        mentions = [query.mention for query in queries[start:stop]]
+        parts.append(encode_items(backbone, [spec.template.mention_text(mention) for mention in mentions],
+                                  images[start:stop], max_text_length=spec.max_text_length,
+                                  extra_texts=extra_view_texts(spec.views, "mention", mentions)))
     return FeatureBatch.concat(parts)
 
 
