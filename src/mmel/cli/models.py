@@ -32,7 +32,9 @@ def list_models(
             model = model_class(model_class.config_class())
             views = model.feature_views()
             typer.echo(f"{name}: {model_class.__name__}")
-            typer.echo(f"  views: mention={views.mention} entity={views.entity}")
+            further = ", ".join(views.mention_extra + views.entity_extra)
+            typer.echo(f"  views: mention={views.mention} entity={views.entity}"
+                       + (f"; further (pooled): {further}" if further else ""))
             typer.echo(f"  units: {', '.join(model.unit_names) or '-'}")
             typer.echo("  config: " + ", ".join(f"{key}={value}" for key, value in model.config.to_dict().items()))
         shipped = sorted(path for path in checkpoints.glob("*/config.json")) if checkpoints.is_dir() else []
