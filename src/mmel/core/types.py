@@ -7,6 +7,7 @@ Image paths are stored relative to the dataset root (`Dataset.root`) and resolve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,13 +68,23 @@ class Mention:
 
 
 def locate_span(sentence: str, surface: str) -> tuple[int, int] | None:
-    """First [start, end) occurrence of `surface` in `sentence` (exact, then case-insensitive)."""
+    """First [start, end) occurrence of `surface` in `sentence` (exact, then case-insensitive).
+
+    Offsets always index `sentence` itself: case folding can change a string's length ('İ'.lower()
+    is two characters), so the case-insensitive search runs on the original text and keeps only
+    windows of `len(surface)` characters whose lower-case form equals the surface's.
+    """
     if not surface:
         return None
     start = sentence.find(surface)
-    if start < 0:
-        start = sentence.lower().find(surface.lower())
-    return (start, start + len(surface)) if start >= 0 else None
+    if start >= 0:
+        return start, start + len(surface)
+    folded = surface.lower()
+    for match in re.finditer(f"(?={re.escape(surface)})", sentence, re.IGNORECASE):
+        start = match.start()
+        if sentence[start:start + len(surface)].lower() == folded:
+            return start, start + len(surface)
+    return None
 
 
 class KnowledgeBase(Sequence[Entity]):
