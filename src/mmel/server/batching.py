@@ -3,8 +3,10 @@
 One linker call costs about the same for 1 mention as for a few (text encoding, the FAISS search
 and the reranker all batch), so under concurrent load joining requests raises throughput; alone,
 a request waits at most `max_wait_s` for company. Requests asking for different `top_k` /
-`candidates_k` are linked in separate calls. If a joint call fails, each of its queries is linked
-alone, so a bad query gets its own error and never fails its neighbours.
+`candidates_k` are linked in separate calls. Callers validate a query (`prepare_query`) before
+it joins, so a joint call should not fail; if one does anyway, the batch is bisected until the
+failing query is alone: it gets its own error, and its neighbours are still linked in a few
+joint calls (about 2·log2(n)) rather than one call each.
 """
 
 from __future__ import annotations
@@ -102,16 +104,22 @@ class LinkBatcher:
             results = await run_in_threadpool(self.linker.link_batch, [p.query for p in live],
                                               top_k=live[0].top_k, candidates_k=live[0].candidates_k)
         except Exception as error:  # handed to the request it belongs to, whatever it is
-            if len(live) == 1:
-                live[0].answer.set_exception(error)
-                return
-            for pending in live:     # one bad query: link each alone so the error lands on its own request
-                await self._link_group([pending])
+            await self._isolate_failure(live, error)
             return
         self.stats.calls_by_size[len(live)] += 1
         for pending, result in zip(live, results, strict=True):
             if not pending.answer.done():
                 pending.answer.set_result(result)
+
+    async def _isolate_failure(self, live: list[_Pending], error: Exception) -> None:
+        """Bisect a failed joint call: each half is linked together, so only the failing query stays alone."""
+        if len(live) == 1:
+            if not live[0].answer.done():
+                live[0].answer.set_exception(error)
+            return
+        middle = len(live) // 2
+        await self._link_group(live[:middle])
+        await self._link_group(live[middle:])
 
 
 def _by_ranking_sizes(batch: list[_Pending]) -> list[list[_Pending]]:

@@ -1,14 +1,16 @@
 """Request and response bodies of the REST API (pydantic), and their conversion from library types.
 
 Limits that depend on the server's settings (batch size, top k, image bytes) are checked in the
-routers; the limits here are fixed sanity bounds that no sensible request exceeds.
+routers; the limits here are fixed sanity bounds that no sensible request exceeds. Integers are
+strict (`StrictInt`): JSON `true` is not a `top_k` of 1, nor `"3"` a 3; form fields, which are
+all text, are turned into integers by the router before validation.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from mmel.core.types import Candidate, Entity, LinkResult
 
@@ -25,7 +27,8 @@ class LinkQuery(BaseModel):
     sentence: str = Field(min_length=1, max_length=MAX_SENTENCE_CHARS, description="the text around the mention")
     mention: str | None = Field(default=None, min_length=1, max_length=MAX_MENTION_CHARS,
                                 description="the mention's surface form, found in the sentence")
-    span: tuple[int, int] | None = Field(default=None, description="[start, end) character offsets in the sentence")
+    span: tuple[StrictInt, StrictInt] | None = Field(default=None,
+                                                     description="[start, end) character offsets in the sentence")
     image_base64: str | None = Field(default=None, description="optional mention image (JPEG/PNG/...), base64")
 
     @model_validator(mode="after")
@@ -36,16 +39,16 @@ class LinkQuery(BaseModel):
 
 
 class LinkRequest(LinkQuery):
-    top_k: int = Field(default=10, ge=1, description="how many ranked entities to return")
-    candidates_k: int = Field(default=100, ge=1, description="how many first-stage candidates to rerank")
+    top_k: StrictInt = Field(default=10, ge=1, description="how many ranked entities to return")
+    candidates_k: StrictInt = Field(default=100, ge=1, description="how many first-stage candidates to rerank")
 
 
 class LinkBatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queries: list[LinkQuery] = Field(min_length=1)
-    top_k: int = Field(default=10, ge=1)
-    candidates_k: int = Field(default=100, ge=1)
+    top_k: StrictInt = Field(default=10, ge=1)
+    candidates_k: StrictInt = Field(default=100, ge=1)
 
 
 class CandidateOut(BaseModel):
@@ -64,7 +67,7 @@ class CandidateOut(BaseModel):
 class MentionOut(BaseModel):
     sentence: str
     surface: str
-    span: tuple[int, int] | None
+    span: tuple[StrictInt, StrictInt] | None
 
 
 class LinkResponse(BaseModel):

@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from mmel.core.images import ImageTooLargeError, decode_image
-from mmel.retrieval.queries import MentionQuery
+from mmel.retrieval.queries import MentionQuery, prepare_query
 from mmel.server.deps import BatcherDep, LinkerDep, SettingsDep, await_with_timeout, require_token, run_with_timeout
 from mmel.server.schemas import (
     MAX_SENTENCE_CHARS,
@@ -29,6 +29,7 @@ from mmel.server.schemas import (
 from mmel.server.settings import ServerSettings
 
 FORM_FIELDS = ("sentence", "mention", "span_start", "span_end", "top_k", "candidates_k")
+INTEGER_FORM_FIELDS = frozenset(("span_start", "span_end", "top_k", "candidates_k"))
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": description} for code, description in (
         (400, "unreadable body"), (401, "bearer token missing"), (403, "bearer token wrong"),
@@ -64,7 +65,7 @@ async def link(request: Request, linker: LinkerDep, batcher: BatcherDep, setting
     image_bytes = image_bytes if image_bytes is not None else _base64_image(payload.image_base64, settings)
 
     async def work() -> LinkResponse:
-        query = await run_in_threadpool(lambda: _mention_query(payload, _decoded_image(image_bytes, settings)))
+        query = await run_in_threadpool(lambda: _valid_query(payload, _decoded_image(image_bytes, settings)))
         result = await batcher.link(query, top_k=payload.top_k, candidates_k=payload.candidates_k)
         return await run_in_threadpool(
             lambda: link_response(result, linker.entities([c.qid for c in result.candidates])))
@@ -116,7 +117,7 @@ async def _read_link_form(request: Request) -> tuple[LinkRequest, bytes | None]:
             raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY,
                                 f"unexpected form field {key!r}; expected {', '.join(FORM_FIELDS)} and 'image'")
         else:
-            values[key] = value
+            values[key] = _form_value(key, value)
     start, end = values.pop("span_start", None), values.pop("span_end", None)
     if (start is None) != (end is None):
         raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, "give both span_start and span_end, or neither")
@@ -128,6 +129,19 @@ async def _read_link_form(request: Request) -> tuple[LinkRequest, bytes | None]:
         raise RequestValidationError(error.errors()) from None
     image = await upload.read() if upload is not None else None
     return payload, image or None
+
+
+def _form_value(key: str, value: str) -> str | int:
+    """A form field as the JSON body would carry it: the schema's integers are strict, and a form holds only text.
+
+    Text that is not a decimal integer stays text, so validation reports it against its field.
+    """
+    if key in INTEGER_FORM_FIELDS:
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_ranking_limits(top_k: int, candidates_k: int, settings: ServerSettings) -> None:
@@ -170,3 +184,13 @@ def _image_too_large(reason: str) -> HTTPException:
 
 def _mention_query(query: LinkQuery, image: Image.Image | None) -> MentionQuery:
     return MentionQuery(sentence=query.sentence, mention=query.mention, span=query.span, image=image)
+
+
+def _valid_query(query: LinkQuery, image: Image.Image | None) -> MentionQuery:
+    """The query, checked by the Linker's own rules before it joins a batch (QueryError, 422, when invalid).
+
+    A bad query inside a joint linker call would fail the whole call; checked here, it never joins one.
+    """
+    mention_query = _mention_query(query, image)
+    prepare_query(mention_query, 0)
+    return mention_query
