@@ -9,6 +9,7 @@ so callers count problems instead of crashing or dropping records silently.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmel.core.errors import PathEscapeError, UsageError
-from mmel.core.paths import resolve_in_root
+from mmel.core.paths import NotRegularFileError, open_regular_file, resolve_in_root
 
 MAX_IMAGE_PIXELS = 40_000_000    # above this, PIL's bomb check refuses the image
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
@@ -90,18 +91,21 @@ def load_image(root: Path, relative: str | None, report: ImageReport | None = No
 def read_image_bytes(root: Path, relative: str | None, report: ImageReport | None = None) -> bytes | None:
     """The raw bytes of `root/relative` (root-confined, size-capped), or None counted in `report`.
 
-    Callers that key caches on image content hash these bytes before deciding to decode them.
+    Callers that key caches on image content hash these bytes before deciding to decode them. Only
+    regular files are opened: a FIFO named as an image would block the reader forever.
     """
     if not relative:
         return None
     path = resolve_in_root(root, relative)
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            return _fail(report, "image file too large", str(relative))
-        return path.read_bytes()
+        with open_regular_file(path) as handle:
+            if os.fstat(handle.fileno()).st_size > MAX_IMAGE_BYTES:
+                return _fail(report, "image file too large", str(relative))
+            return handle.read(MAX_IMAGE_BYTES + 1)
     except FileNotFoundError:
         return _fail(report, "missing", str(relative))
+    except NotRegularFileError:
+        return _fail(report, "not a regular file", str(relative))
     except OSError as error:
         return _fail(report, f"unreadable ({error.strerror})", str(relative))
 

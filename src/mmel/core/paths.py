@@ -7,10 +7,11 @@ import functools
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mmel.core.errors import DataError, PathEscapeError
 
@@ -22,6 +23,34 @@ def resolve_in_root(root: Path, relative: str | os.PathLike[str], *, source: obj
     if candidate != root_resolved and root_resolved not in candidate.parents:
         raise PathEscapeError(f"path {str(relative)!r} escapes the data root {root_resolved}", path=source)
     return candidate
+
+
+class NotRegularFileError(OSError):
+    """A path names a FIFO, device, socket or directory where a data file was expected."""
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """Open `path` for binary reading, refusing anything but a regular file.
+
+    Opening a FIFO for reading blocks until a writer appears, so the open is non-blocking and the
+    type is checked on the opened descriptor (no window between a check and the open).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(f"not a regular file ({_file_kind(mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -80,30 +109,36 @@ def _current_umask() -> int:
     return mask
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def read_json(path: Path) -> Any:
-    """Parse a JSON file; a syntax error names the file, line and column."""
+    """Parse a JSON file; a syntax error names the file, line and column. A UTF-8 BOM is accepted."""
     path = Path(path)
+    data = _read_data_file(path)
     try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
+        text = data.removeprefix(_BOM).decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DataError(f"not UTF-8 text ({error.reason} at byte {error.start})", path=path,
+                        record=f"line {line}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}",
                         path=path) from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"not UTF-8 text ({error.reason} at byte {error.start})", path=path) from None
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; bad lines raise naming file and line."""
+    """Yield (line number, object) for each non-blank line; bad lines raise naming file and line.
+
+    A UTF-8 BOM before the first line is skipped (Windows editors write one); invalid UTF-8 is
+    reported on its line, not as a decoding error without a place.
+    """
     path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
-    with handle:
-        for line_number, line in enumerate(handle, start=1):
+    with _open_data_file(path) as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = _decode_line(raw.removeprefix(_BOM) if line_number == 1 else raw, path, line_number)
             if not line.strip():
                 continue
             try:
@@ -114,6 +149,29 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise DataError(f"expected a JSON object, got {type(record).__name__}",
                                 path=path, record=f"line {line_number}")
             yield line_number, record
+
+
+def _decode_line(raw: bytes, path: Path, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"not UTF-8 text ({error.reason} at byte {error.start} of the line)", path=path,
+                        record=f"line {line_number}") from None
+
+
+def _open_data_file(path: Path) -> BinaryIO:
+    """`open_regular_file` with the failures a user can fix turned into `DataError` naming the file."""
+    try:
+        return open_regular_file(path)
+    except FileNotFoundError:
+        raise DataError("file not found", path=path) from None
+    except OSError as error:
+        raise DataError(f"cannot read: {error.strerror or error}", path=path) from None
+
+
+def _read_data_file(path: Path) -> bytes:
+    with _open_data_file(path) as handle:
+        return handle.read()
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:

@@ -9,9 +9,11 @@ with a description and mentions with a caption, and the steps of `enrichment.jso
 
 from __future__ import annotations
 
+import stat
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -166,12 +168,26 @@ def _check_images(dataset: Dataset, relatives: Iterable[str], image_report: Imag
         try:
             if decode:
                 load_image(dataset.root, relative, image_report)
-            elif resolve_in_root(dataset.root, relative).is_file():
-                image_report.loaded += 1
             else:
-                image_report.add_problem("missing", relative)
+                _check_image_file(resolve_in_root(dataset.root, relative), relative, image_report)
         except PathEscapeError:
             image_report.add_problem(_ESCAPES, relative)
+
+
+def _check_image_file(path: Path, relative: str, image_report: ImageReport) -> None:
+    """Existence check without opening: a FIFO or device is a named problem, not a usable image."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        image_report.add_problem("missing", relative)
+        return
+    except OSError as error:
+        image_report.add_problem(f"unreadable ({error.strerror})", relative)
+        return
+    if stat.S_ISREG(mode):
+        image_report.loaded += 1
+    else:
+        image_report.add_problem("not a regular file", relative)
 
 
 def _enrichment_steps(dataset: Dataset) -> list[str]:

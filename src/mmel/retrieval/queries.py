@@ -15,7 +15,8 @@ from typing import Any, Union
 from PIL import Image
 
 from mmel.core.errors import MmelError
-from mmel.core.images import decode_image
+from mmel.core.images import MAX_IMAGE_BYTES, decode_image
+from mmel.core.paths import open_regular_file
 from mmel.core.types import Mention, locate_span
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, None]  # noqa: UP007  (a runtime alias for py3.10)
@@ -89,7 +90,8 @@ def _as_image(image: ImageInput, where: str) -> Image.Image | None:
     elif isinstance(image, (str, os.PathLike)):
         source = str(image)
         try:
-            data = Path(image).read_bytes()
+            with open_regular_file(Path(image)) as handle:
+                data = handle.read(MAX_IMAGE_BYTES + 1)
         except OSError as error:
             raise QueryError(f"{where}cannot read image {source}: {error.strerror or error}") from None
     else:
