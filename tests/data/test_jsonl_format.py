@@ -211,3 +211,16 @@ def test_rewriting_a_dataset_in_place_keeps_its_images(tiny_dataset: Dataset, tm
     again = read_dataset(out)
     assert again.splits == tiny_dataset.splits and read_dataset_info(out).source == "rewritten"
     assert (out / "pics" / "m1.jpg").is_file() and (out / "kb" / "alpha.jpg").is_file()
+
+
+def test_repeated_mention_ids_are_made_unique_and_counted(tmp_path: Path, caplog) -> None:
+    sentence = "Alpha met Beta and Gamma."
+    records = [{"id": "s1", "sentence": sentence, "surface": surface} for surface in ("Alpha", "Beta", "Gamma")]
+    records.append({"id": "s1#2", "sentence": sentence, "surface": "met"})  # the renaming must not collide
+    path = write_lines(tmp_path / "m.jsonl", records)
+    with caplog.at_level("WARNING"):
+        mentions = read_mentions_jsonl(path)
+    assert [m.id for m in mentions] == ["s1", "s1#3", "s1#4", "s1#2"]
+    assert [m.surface for m in mentions] == ["Alpha", "Beta", "Gamma", "met"]
+    assert "2 mention(s) repeat an earlier mention's id" in caplog.text and "m.jsonl" in caplog.text
+    assert [m.id for m in read_mentions_jsonl(path)] == [m.id for m in mentions]  # stable across reads

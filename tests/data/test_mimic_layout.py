@@ -202,3 +202,17 @@ def test_extra_keys_may_not_shadow_layout_fields(tmp_path: Path) -> None:
     kb = KnowledgeBase([Entity("Q1", "A", extra={"attr": "sneaky"})])
     with pytest.raises(DataError, match="holds attr"):
         write_mimic_layout(Dataset("d", kb, {}, tmp_path), tmp_path / "out")
+
+
+def test_mentions_sharing_their_sample_id_get_unique_ids(tmp_path: Path, write_json) -> None:
+    write_json(tmp_path / "kb_entity.json", KB_ROWS)
+    (tmp_path / "qid2id.json").write_text(json.dumps(QID2ID) + "\n", encoding="utf-8")
+    sentence = "Zoë and Harrison on stage"
+    write_json(tmp_path / "WIKIMEL_test.json", [
+        {"id": "s9", "mentions": quote("Zoë"), "sentence": sentence, "imgPath": "", "answer": "Q30"},
+        {"id": "s9", "mentions": "Harrison", "sentence": sentence, "imgPath": "", "answer": "Q10"}])
+    report = MimicReadReport()
+    dataset = read_mimic_layout(tmp_path, report=report)
+    assert [(m.id, m.gold_qid) for m in dataset.split("test")] == [("s9", "Q30"), ("s9#2", "Q10")]
+    assert report.renamed_mention_ids == 1
+    assert "mentions repeating an earlier id (renamed '<id>#<n>'): 1" in report.summary()

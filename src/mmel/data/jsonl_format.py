@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,36 @@ def read_mentions_jsonl(path: Path, root: Path | None = None) -> list[Mention]:
         mentions.append(Mention(id=record["id"], sentence=record["sentence"], surface=record["surface"], span=span,
                                 image=image, gold_qid=record.get("gold_qid"), extra=record.get("extra", {}),
                                 caption=record.get("caption")))
+    mentions, renamed = unique_mention_ids(mentions)
+    if renamed:
+        logger.warning("%s: %d mention(s) repeat an earlier mention's id; renamed '<id>#<n>' (n = 2, 3, ...) so "
+                       "every mention is linked, scored and resumed on its own", path, renamed)
     return mentions
+
+
+def unique_mention_ids(mentions: list[Mention]) -> tuple[list[Mention], int]:
+    """The mentions with every repeated id made unique, and how many were renamed.
+
+    Sources such as the MIMIC layout give every mention of a sentence the sample's id. Keyed by id,
+    the later mentions would overwrite or (on resume) skip each other, so the n-th occurrence of an
+    id becomes "<id>#<n>": stable for the same file, and never an id the file already uses.
+    """
+    taken = {mention.id for mention in mentions}
+    seen: Counter[str] = Counter()
+    unique, renamed = [], 0
+    for mention in mentions:
+        seen[mention.id] += 1
+        if seen[mention.id] == 1:
+            unique.append(mention)
+            continue
+        number = seen[mention.id]
+        while f"{mention.id}#{number}" in taken:
+            number += 1
+        new_id = f"{mention.id}#{number}"
+        taken.add(new_id)
+        unique.append(replace(mention, id=new_id))
+        renamed += 1
+    return unique, renamed
 
 
 def span_matches(sentence: str, surface: str, span: tuple[int, int]) -> bool:
@@ -319,5 +349,6 @@ __all__ = [
     "read_kb_jsonl",
     "read_mentions_jsonl",
     "span_matches",
+    "unique_mention_ids",
     "write_dataset",
 ]

@@ -33,7 +33,7 @@ from mmel.core.paths import (
     resolve_in_root,
 )
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention, locate_span
-from mmel.data.jsonl_format import check_output_directory
+from mmel.data.jsonl_format import check_output_directory, unique_mention_ids
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class MimicReadReport:
     nil_mentions: dict[str, int] = field(default_factory=dict)
     mentions_with_image: dict[str, int] = field(default_factory=dict)
     generated_mention_ids: int = 0
+    renamed_mention_ids: int = 0         # a repeated id (one per sample, not per mention) made "<id>#<n>"
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def note(self, kind: str, example: str) -> None:
@@ -81,7 +82,8 @@ class MimicReadReport:
                          f"{self.mentions_with_image.get(split, 0)} with an image path")
         problems = {"qid2id.json rows not in kb_entity.json": self.qid2id_rows_not_in_kb,
                     "rows whose qid disagrees with qid2id.json": self.qid_conflicts,
-                    "mentions without id (generated)": self.generated_mention_ids}
+                    "mentions without id (generated)": self.generated_mention_ids,
+                    "mentions repeating an earlier id (renamed '<id>#<n>')": self.renamed_mention_ids}
         lines += [f"  {label}: {count}" for label, count in problems.items() if count]
         if self.ids_not_dense:
             lines.append("  row ids are not 0..N-1: mmel rows follow the sorted ids")
@@ -110,7 +112,8 @@ def read_mimic_layout(root: Path, name: str | None = None, report: MimicReadRepo
                 splits[split] = _read_mentions(path, split, image_dir, root, report)
         if not splits:
             raise DataError(f"no mention files {prefix}_{{{','.join(SPLIT_NAMES)}}}.json found", path=root)
-    if report.qid_conflicts or report.qid2id_rows_not_in_kb or report.qid_sources["placeholder"]:
+    if (report.qid_conflicts or report.qid2id_rows_not_in_kb or report.qid_sources["placeholder"]
+            or report.renamed_mention_ids):
         logger.warning("%s", report.summary())
     dataset_name = PREFIX_TO_NAME.get(prefix, prefix.lower()) if prefix else root.name
     return Dataset(name=dataset_name, kb=kb, splits=splits, root=root)
@@ -252,8 +255,9 @@ def _read_mentions(path: Path, split: str, image_dir: str, root: Path, report: M
     records = read_json(path)
     if not isinstance(records, list):
         raise DataError(f"expected a JSON list of mentions, got {type(records).__name__}", path=path)
-    mentions = [_record_to_mention(record, index, split, image_dir, root, path, report)
-                for index, record in enumerate(records)]
+    mentions, renamed = unique_mention_ids([_record_to_mention(record, index, split, image_dir, root, path, report)
+                                            for index, record in enumerate(records)])
+    report.renamed_mention_ids += renamed
     report.mentions[split] = len(mentions)
     report.nil_mentions[split] = sum(mention.is_nil for mention in mentions)
     report.mentions_with_image[split] = sum(mention.image is not None for mention in mentions)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from mmel.core.errors import DataError
 from mmel.core.images import ImageReport
 from mmel.core.types import LinkResult, Mention
-from mmel.data.jsonl_format import read_mentions_jsonl
+from mmel.data.jsonl_format import DATASET_FILE, KB_FILE, MENTIONS_DIR, read_mentions_jsonl
 from mmel.retrieval.linker import Linker
 from mmel.retrieval.queries import QueryError
 
@@ -41,11 +41,13 @@ def link_jsonl(linker: Linker, input_path: Path, output_path: Path, *, images_ro
 
     Resumable: mentions whose id is already in the output are skipped, and each chunk is appended
     with a single write followed by fsync, so an interrupted run leaves whole lines (a torn last
-    line is detected and dropped on the next run). Input format: mmel's mentions JSONL
-    (docs/DATA_FORMAT.md); images are relative to `images_root` (default: the input's directory).
+    line is detected and dropped on the next run). Mention ids are unique here even when the file
+    repeats one (the reader renames repeats "<id>#<n>"), so resuming never skips an unlinked mention.
+    Input format: mmel's mentions JSONL (docs/DATA_FORMAT.md); images are relative to `images_root`
+    (default: `default_images_root`).
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    images_root = Path(images_root) if images_root is not None else input_path.parent
+    images_root = Path(images_root) if images_root is not None else default_images_root(input_path)
     mentions = read_mentions_jsonl(input_path, images_root)
     report = LinkFileReport()
     done, report.dropped_partial_line = _finished_ids(output_path)
@@ -62,6 +64,16 @@ def link_jsonl(linker: Linker, input_path: Path, output_path: Path, *, images_ro
             report.linked += sum(not isinstance(outcome, QueryError) for outcome in outcomes)
             bar.update(len(chunk))
     return report
+
+
+def default_images_root(input_path: Path) -> Path:
+    """Where a mentions file's image paths start: its dataset's directory when it is a dataset's
+    `mentions/<split>.jsonl` (paths are relative to the dataset, docs/DATA_FORMAT.md), else its own folder."""
+    folder = Path(input_path).parent
+    dataset = folder.parent
+    if folder.name == MENTIONS_DIR and ((dataset / DATASET_FILE).is_file() or (dataset / KB_FILE).is_file()):
+        return dataset
+    return folder
 
 
 def result_record(result: LinkResult) -> dict[str, Any]:
@@ -109,4 +121,4 @@ def _append_lines(path: Path, lines: list[str]) -> None:
         os.fsync(handle.fileno())
 
 
-__all__ = ["LinkFileReport", "link_jsonl", "result_record"]
+__all__ = ["LinkFileReport", "default_images_root", "link_jsonl", "result_record"]
