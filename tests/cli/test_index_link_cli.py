@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ from mmel.cli.main import app
 from mmel.data import write_dataset
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args: str):
@@ -72,3 +74,19 @@ def test_user_errors_are_one_line_messages(tiny_index, tmp_path):
     assert no_output.exit_code != 0 and "--output" in no_output.output
     bad_serve = invoke("serve", tiny_index.index_dir, "--token", "short")
     assert bad_serve.exit_code == 1 and "token" in bad_serve.output
+
+
+@pytest.mark.slow
+def test_readme_link_input_loads_the_example_images(tiny_index, tmp_path, monkeypatch):
+    """README: `mmel link idx --input examples/wikimel-mini/mentions/test.jsonl --output results.jsonl`.
+
+    The mentions' image paths are relative to the dataset directory, not to `mentions/`.
+    """
+    monkeypatch.chdir(REPO)
+    mentions = "examples/wikimel-mini/mentions/test.jsonl"
+    with_image = sum(json.loads(line)["image"] is not None for line in Path(mentions).read_text().splitlines())
+    out = tmp_path / "results.jsonl"
+    result = invoke("link", tiny_index.index_dir, "--input", mentions, "--output", out)
+    assert result.exit_code == 0, result.output
+    assert f"{with_image} images loaded, no problems" in result.output
+    assert with_image > 0 and len(out.read_text().splitlines()) == 60

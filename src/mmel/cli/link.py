@@ -23,7 +23,8 @@ def link(
     output: Annotated[Path | None, typer.Option(help="Results JSONL for --input; a rerun skips ids already "
                                                      "there.")] = None,
     images_root: Annotated[Path | None, typer.Option(help="With --input: directory image paths are relative to "
-                                                          "(default: the input's directory).")] = None,
+                                                          "(default: the dataset of a mentions/<split>.jsonl "
+                                                          "file, else the input's directory).")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Entities to return per mention.")] = 5,
     candidates_k: Annotated[int, typer.Option(min=1, help="First-stage candidates to rerank.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="One mention: print the result as JSON.")] = False,
