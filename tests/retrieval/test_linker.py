@@ -142,6 +142,10 @@ def test_image_as_path_bytes_or_pil_gives_one_answer(shared_linker, tmp_path):
     ({"sentence": "Paris is big", "mention": "Paris", "image": "/no/such/file.png"}, "cannot read image"),
     ({"sentence": "Paris is big", "mention": "Paris", "image": 42}, "must be a path"),
     ({"sentence": "Paris is big", "mention": "Paris", "top_k": 0}, "top_k"),
+    ({"sentence": "Paris is big", "mention": "Paris", "top_k": True}, "top_k"),
+    ({"sentence": "Paris\u200b\u200b is big", "mention": "\u200b\u200b"}, "mention is empty"),
+    ({"sentence": "\u200b\ufeff \u200d", "mention": "\u200b"}, "sentence is empty"),
+    ({"sentence": "Paris\u200b\u200b is big", "span": (5, 7)}, "invisible characters"),
 ])
 def test_bad_queries_raise_query_error(shared_linker, kwargs, message):
     sentence = kwargs.pop("sentence")

@@ -8,6 +8,7 @@ resolved and its image decoded, or raises `QueryError` saying what is wrong.
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -48,7 +49,7 @@ def prepare_query(query: MentionQuery, position: int) -> PreparedQuery:
     """Validate a query and resolve its mention span and image; QueryError says what is wrong."""
     where = f"query {position}: " if position else ""
     sentence = query.sentence
-    if not isinstance(sentence, str) or not sentence.strip():
+    if not isinstance(sentence, str) or is_blank(sentence):
         raise QueryError(f"{where}the sentence is empty")
     if (query.mention is None) == (query.span is None):
         raise QueryError(f"{where}give exactly one of mention (text) or span ([start, end))")
@@ -59,6 +60,14 @@ def prepare_query(query: MentionQuery, position: int) -> PreparedQuery:
     return PreparedQuery(mention=mention, image=_as_image(query.image, where))
 
 
+def is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: only whitespace and format characters (zero-width space, joiners, BOM).
+
+    `str.strip` keeps U+200B and its kin, so "\u200b\u200b" would otherwise be linked as a mention.
+    """
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
+
+
 def _checked_span(sentence: str, span: Any, where: str) -> tuple[int, int]:
     if not (isinstance(span, (tuple, list)) and len(span) == 2
             and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
@@ -66,13 +75,13 @@ def _checked_span(sentence: str, span: Any, where: str) -> tuple[int, int]:
     start, end = span
     if not 0 <= start < end <= len(sentence):
         raise QueryError(f"{where}span [{start}, {end}) is out of range for a sentence of {len(sentence)} characters")
-    if not sentence[start:end].strip():
-        raise QueryError(f"{where}span [{start}, {end}) holds only whitespace")
+    if is_blank(sentence[start:end]):
+        raise QueryError(f"{where}span [{start}, {end}) holds only whitespace or invisible characters")
     return start, end
 
 
 def _located_mention(sentence: str, mention: Any, where: str) -> tuple[int, int]:
-    if not isinstance(mention, str) or not mention.strip():
+    if not isinstance(mention, str) or is_blank(mention):
         raise QueryError(f"{where}the mention is empty")
     span = locate_span(sentence, mention.strip())
     if span is None:
@@ -110,4 +119,4 @@ def check_k(top_k: int, candidates_k: int) -> None:
 
 
 
-__all__ = ["MAX_K", "ImageInput", "MentionQuery", "PreparedQuery", "QueryError", "check_k", "prepare_query"]
+__all__ = ["MAX_K", "ImageInput", "MentionQuery", "PreparedQuery", "QueryError", "check_k", "is_blank", "prepare_query"]
