@@ -222,7 +222,7 @@ def test_size_limits(client):
 
 
 def test_slow_requests_time_out(shared_linker, tiny_index):
-    with make_client(shared_linker, tiny_index.index_dir, request_timeout_s=1e-6) as impatient:
+    with make_client(shared_linker, tiny_index.index_dir, request_timeout_s=1e-6, body_timeout_s=30) as impatient:
         assert_error(impatient.post("/link", json={"sentence": SENTENCE, "mention": "Mercury"}), 504, "limit")
 
 

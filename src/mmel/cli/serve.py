@@ -33,6 +33,7 @@ def serve(
     import uvicorn
 
     from mmel.server.app import create_app
+    from mmel.server.running import uvicorn_config
     from mmel.server.settings import ServerSettings
 
     with exit_on_user_errors():
@@ -44,4 +45,4 @@ def serve(
         if threads is not None:
             torch.set_num_threads(threads)
         app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, settings)).run()

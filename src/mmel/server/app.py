@@ -3,7 +3,8 @@
 The Linker is loaded once in the lifespan (or handed in, already loaded) and shared by every
 request through `app.state`, with a `LinkBatcher` that joins concurrent `POST /link` requests
 into one linker call. Bad input never reaches the generic 500 handler: validation errors
-are 422, size limits 413, auth 401/403, unknown entities 404, time limits 504; a 500 means a bug
+are 422, size limits 413/414/431, auth 401/403, unknown entities 404, a body too slow to arrive 408,
+work over the time limit 504; a client that disconnects is logged in one line; a 500 means a bug
 and is logged with its traceback.
 """
 
@@ -19,14 +20,15 @@ import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from mmel import __version__
 from mmel.retrieval.linker import Linker
 from mmel.retrieval.queries import QueryError
 from mmel.server.batching import LinkBatcher
-from mmel.server.limits import BodySizeLimitMiddleware
+from mmel.server.limits import BodySizeLimitMiddleware, BodyTimeoutMiddleware, RequestHeadLimitMiddleware
 from mmel.server.routers import entities, health, link
 from mmel.server.settings import ServerSettings
 
@@ -60,6 +62,9 @@ def create_app(settings: ServerSettings, *, linker: Linker | None = None) -> Fas
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s or settings.request_timeout_s)
+    app.add_middleware(RequestHeadLimitMiddleware, max_url_bytes=settings.max_url_bytes,
+                       max_header_bytes=settings.max_header_bytes)
     _add_error_handlers(app)
     for module in (link, entities, health):
         app.include_router(module.router)
@@ -80,11 +85,21 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid_query(request: Request, error: QueryError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=HTTPStatus.UNPROCESSABLE_ENTITY)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> Response:
+        """A client that hangs up mid-request is routine, not a server error: one line, no traceback."""
+        logger.info("client %s disconnected during %s %s", _client(request), request.method, request.url.path)
+        return Response(status_code=HTTPStatus.BAD_REQUEST)   # never sent: there is nobody to send it to
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error (logged on the server)"},
                             status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
 
 
 def _add_web_page(app: FastAPI) -> None:
