@@ -345,3 +345,13 @@ def test_name_prior_adds_the_weighted_surface_name_match(shared_linker, tiny_ind
             match = name_match("Mercury", linker.entity(candidate.qid).name)
             assert candidate.unit_scores["name_match"] == match
             assert candidate.score == pytest.approx(plain[candidate.qid].score + 2.0 * match, abs=1e-2)  # store fp16
+
+
+def test_dataset_mentions_of_only_invisible_characters_are_refused_not_linked(shared_linker, tiny_index):
+    from mmel.core.types import Mention
+
+    blank = Mention(id="zw", sentence="\u200b\u200b", surface="\u200b")
+    good = tiny_index.dataset.split("train")[0]
+    outcomes = shared_linker.link_mentions([blank, good], tiny_index.root, top_k=1)
+    assert isinstance(outcomes[0], QueryError) and "empty" in str(outcomes[0])
+    assert outcomes[1].best.qid == good.gold_qid

@@ -59,7 +59,15 @@ from mmel.retrieval.index_build import (
 from mmel.retrieval.kb_edits import KBEdits
 from mmel.retrieval.kb_store import EntityStore
 from mmel.retrieval.nil import NilCalibration, calibrate_nil, choose_simulated_nil, nil_statistic
-from mmel.retrieval.queries import ImageInput, MentionQuery, PreparedQuery, QueryError, check_k, prepare_query
+from mmel.retrieval.queries import (
+    ImageInput,
+    MentionQuery,
+    PreparedQuery,
+    QueryError,
+    check_k,
+    is_blank,
+    prepare_query,
+)
 from mmel.retrieval.reranking import rerank
 
 logger = logging.getLogger(__name__)
@@ -193,7 +201,7 @@ class Linker(KBEdits):
         check_k(top_k, candidates_k)
         outcomes: list[PreparedQuery | QueryError] = []
         for mention in mentions:
-            if not mention.sentence.strip() or not mention.surface.strip():
+            if is_blank(mention.sentence) or is_blank(mention.surface):
                 outcomes.append(QueryError(f"mention {mention.id!r} has an empty sentence or surface"))
                 continue
             image = load_image(images_root, mention.image, report) if images_root is not None else None
