@@ -51,11 +51,12 @@ def server(shared_linker, tiny_index) -> Iterator[tuple[str, int]]:
         yield address
 
 
-def partial_post(address: tuple[str, int]) -> socket.socket:
-    """A connection that declares a 1,000-byte JSON body and sends 6 bytes of it."""
+def partial_post(address: tuple[str, int], path: bytes = b"/link", content_type: bytes = b"application/json",
+                 start: bytes = b'{"sent') -> socket.socket:
+    """A connection that declares a 1,000-byte body and sends only its `start`."""
     connection = socket.create_connection(address, timeout=WAIT_S)
-    connection.sendall(b"POST /link HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: 1000\r\n\r\n{\"sent")
+    connection.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type +
+                       b"\r\nContent-Length: 1000\r\n\r\n" + start)
     return connection
 
 
@@ -66,8 +67,11 @@ def read_until_closed(connection: socket.socket) -> bytes:
     return received
 
 
-def test_a_slow_body_gets_408_and_its_connection_closed(server):
-    connections = [partial_post(server) for _ in range(5)]
+@pytest.mark.parametrize(("path", "content_type", "start"), [
+    (b"/link", b"application/json", b'{"sent'), (b"/link/batch", b"application/json", b'{"quer'),
+    (b"/link", b"multipart/form-data; boundary=xyz", b'--xyz\r\nContent-Disposition: form-data; name="sentence"')])
+def test_a_slow_body_gets_408_and_its_connection_closed(server, path, content_type, start):
+    connections = [partial_post(server, path, content_type, start) for _ in range(5)]
     try:
         for connection in connections:
             assert read_until_closed(connection).startswith(b"HTTP/1.1 408 ")

@@ -24,7 +24,8 @@ def serve(
                                                              "linked with it (dynamic batching).")] = 2.0,
     max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 12.0,
     max_image_mb: Annotated[float, typer.Option(min=0.01, help="Largest uploaded image, in MiB.")] = 8.0,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before a request answers 504.")] = 30.0,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before a request answers 504 (or 408 when "
+                                                         "its body has not all arrived by then).")] = 30.0,
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: torch's choice); 1-2 "
                                                             "avoids oversubscription under concurrent load.")] = None,
 ) -> None:
