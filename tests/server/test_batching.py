@@ -4,6 +4,7 @@ and the server refuses an invalid query before it can join a batch."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -20,7 +21,7 @@ def test_a_failing_query_in_a_joint_call_is_isolated_by_bisection(shared_linker,
     good = [MentionQuery(sentence=s, mention=m) for s, m, _ in tiny_index.queries[:3]]
     bad = MentionQuery(sentence=good[0].sentence, mention="not in the sentence")
 
-    async def scenario() -> list:
+    async def scenario() -> tuple[list, Counter]:
         batcher = LinkBatcher(shared_linker, max_batch=4, max_wait_s=5.0)
         batcher.start()
         try:
@@ -28,7 +29,7 @@ def test_a_failing_query_in_a_joint_call_is_isolated_by_bisection(shared_linker,
             outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=120)
         finally:
             await batcher.stop()
-        return [outcomes, batcher.stats.calls_by_size]
+        return outcomes, batcher.stats.calls_by_size
 
     outcomes, calls_by_size = asyncio.run(scenario())
     assert isinstance(outcomes[3], QueryError) and "does not occur" in str(outcomes[3])
