@@ -160,11 +160,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
-    """Run `app` under a real uvicorn server on 127.0.0.1 (free port) in a thread; yields its base URL."""
+    """Run `app` under a real uvicorn server on 127.0.0.1 (free port) in a thread; yields its base URL.
+
+    The server is configured as `mmel serve` configures it (`uvicorn_config` with the app's settings).
+    """
     import uvicorn
 
+    from mmel.server.running import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    settings = app.state.settings.model_copy(update={"host": "127.0.0.1", "port": port})
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

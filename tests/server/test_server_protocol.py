@@ -7,47 +7,31 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 
 from mmel.server.app import create_app
-from mmel.server.running import uvicorn_config
 from mmel.server.settings import ServerSettings
 
 WAIT_S = 20        # generous bound on anything that must happen "soon"; tests never assert durations
 
 
 @contextlib.contextmanager
-def served(linker, index_dir, **settings) -> Iterator[tuple[str, int]]:
-    """The app under `uvicorn_config` on a free loopback port, in a thread; yields (host, port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server_settings = ServerSettings(index_dir=index_dir, host="127.0.0.1", port=port, **settings)
-    server = uvicorn.Server(uvicorn_config(create_app(server_settings, linker=linker), server_settings,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+def served(serving, linker, index_dir, **settings) -> Iterator[tuple[str, int]]:
+    """The app with these settings under `serving` (tests/conftest.py: `uvicorn_config`); yields (host, port)."""
+    app = create_app(ServerSettings(index_dir=index_dir, **settings), linker=linker)
+    with serving(app) as url:
+        address = urlsplit(url)
+        yield address.hostname, address.port
 
 
 @pytest.fixture(scope="module")
-def server(shared_linker, tiny_index) -> Iterator[tuple[str, int]]:
-    with served(shared_linker, tiny_index.index_dir, body_timeout_s=1.0) as address:
+def server(shared_linker, tiny_index, serve_app) -> Iterator[tuple[str, int]]:
+    with served(serve_app, shared_linker, tiny_index.index_dir, body_timeout_s=1.0) as address:
         yield address
 
 
