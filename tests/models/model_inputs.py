@@ -47,3 +47,18 @@ def randomise(model: MelModel, *, seed: int = 0, scale: float = 0.2, dtype: torc
         for parameter in model.parameters():
             parameter.copy_(torch.randn_like(parameter) * scale)
     return model
+
+
+class ReferenceWeights:
+    """A model's state dict read by the spec references: plain Linear and LayerNorm formulas, no nn.Module."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.w = weights
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x @ self.w[f"{name}.weight"].T + self.w[f"{name}.bias"]
+
+    def layer_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        variance = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(variance + 1e-5) * self.w[f"{name}.weight"] + self.w[f"{name}.bias"]

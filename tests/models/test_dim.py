@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from model_inputs import CLIP_DIMS, OFFLINE_DIMS, random_features, randomise
+from model_inputs import CLIP_DIMS, OFFLINE_DIMS, ReferenceWeights, random_features, randomise
 
 from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError
@@ -33,13 +33,8 @@ def randomised_model(dims: dict[str, int], *, seed: int = 0, dtype: torch.dtype 
 def reference_query(weights: dict[str, torch.Tensor], mentions: FeatureBatch, *, release: bool,
                     num_heads: int = 8) -> torch.Tensor:
     """One mention at a time, with Python lists of the cues that exist."""
-    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
-        return x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
-
-    def layer_norm(x: torch.Tensor, name: str) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        variance = ((x - mean) ** 2).mean(-1, keepdim=True)
-        return (x - mean) / torch.sqrt(variance + 1e-5) * weights[f"{name}.weight"] + weights[f"{name}.bias"]
+    weights_read = ReferenceWeights(weights)
+    linear, layer_norm = weights_read.linear, weights_read.layer_norm
 
     def trans(x: torch.Tensor, prefix: str) -> torch.Tensor:   # Dropout(LN(ReLU(Linear(x)))) in eval mode
         return layer_norm(torch.relu(linear(x, f"{prefix}.0")), f"{prefix}.2")

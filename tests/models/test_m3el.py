@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from model_inputs import CLIP_DIMS, random_features, randomise
+from model_inputs import CLIP_DIMS, ReferenceWeights, random_features, randomise
 
 from mmel.core.config import ConfigError
 from mmel.core.features import FeatureBatch, FeatureViews
@@ -34,21 +34,13 @@ def randomised_model(dims: dict[str, int], *, seed: int = 0, dtype: torch.dtype 
 # --- a plain reference, written directly from the equations of models.md §3.4-3.8 ---------------
 
 
-class Reference:
+class Reference(ReferenceWeights):
     """M3EL from the spec, one pair / one row at a time where the spec indexes, sharing only the weights."""
 
     def __init__(self, weights: dict[str, torch.Tensor], *, release_single_key: bool, hidden: int = 96):
-        self.w = weights
+        super().__init__(weights)
         self.release_single_key = release_single_key
         self.hidden = hidden
-
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return x @ self.w[f"{name}.weight"].T + self.w[f"{name}.bias"]
-
-    def layer_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        variance = ((x - mean) ** 2).mean(-1, keepdim=True)
-        return (x - mean) / torch.sqrt(variance + 1e-5) * self.w[f"{name}.weight"] + self.w[f"{name}.bias"]
 
     def prenormalised(self, batch: FeatureBatch) -> tuple[torch.Tensor, ...]:  # §3.4
         t_cls = self.layer_norm(batch.text_global, "text_cls_layernorm")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from model_inputs import CLIP_DIMS, OFFLINE_DIMS, random_features, randomise
+from model_inputs import CLIP_DIMS, OFFLINE_DIMS, ReferenceWeights, random_features, randomise
 
 from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError
@@ -31,13 +31,8 @@ def reference_mimic(weights: dict[str, torch.Tensor], mentions: FeatureBatch, en
                     mask_missing_images: bool = False) -> dict[str, torch.Tensor]:
     """The spec's scores; with `mask_missing_images`, mmel's documented option (MIMICConfig): no VDLU score for
     a pair lacking an image, no CMFU image context for a side without one, final = (s_T + s_C + m s_V) / (2 + m)."""
-    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
-        return x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
-
-    def layer_norm(x: torch.Tensor, name: str) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        variance = ((x - mean) ** 2).mean(-1, keepdim=True)
-        return (x - mean) / torch.sqrt(variance + 1e-5) * weights[f"{name}.weight"] + weights[f"{name}.bias"]
+    weights_read = ReferenceWeights(weights)
+    linear, layer_norm = weights_read.linear, weights_read.layer_norm
 
     def prenormalised(batch: FeatureBatch) -> tuple[torch.Tensor, ...]:
         t_cls = layer_norm(batch.text_global, "text_cls_layernorm")
