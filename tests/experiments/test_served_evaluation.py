@@ -62,3 +62,23 @@ def test_shipped_checkpoint_on_a_sample_of_a_synthetic_kb(linker_backbone, tmp_p
     features = build_features(dataset, linker_backbone, tmp_path / "store", dtype="float32", progress=False,
                               num_threads=1)
     _assert_evaluate_is_the_linker(dataset, features, "test", sample=25)
+
+
+def test_an_existing_index_must_hold_exactly_the_datasets_kb(tiny_index, linker_backbone, tmp_path):
+    from mmel.core.errors import MismatchError
+    from mmel.core.types import Dataset, KnowledgeBase
+    from mmel.features.store import build_features
+
+    smaller = Dataset(name="tiny", kb=KnowledgeBase(list(tiny_index.dataset.kb)[:-1]), root=tiny_index.root,
+                      splits={"train": [m for m in tiny_index.dataset.split("train")
+                                        if m.gold_qid != list(tiny_index.dataset.kb)[-1].qid]})
+    features = build_features(smaller, linker_backbone, tmp_path / "store", progress=False, num_threads=1)
+    with pytest.raises(MismatchError, match="not exactly the dataset's"):
+        evaluate(smaller, "train", str(tiny_index.checkpoint), features=features, first_stage="hybrid",
+                 index_dir=tiny_index.index_dir, progress=False)
+    same = build_features(tiny_index.dataset, linker_backbone, tmp_path / "store", progress=False, num_threads=1)
+    given = evaluate(tiny_index.dataset, "train", str(tiny_index.checkpoint), features=same, first_stage="hybrid",
+                     num_candidates=8, index_dir=tiny_index.index_dir, progress=False)
+    built = evaluate(tiny_index.dataset, "train", str(tiny_index.checkpoint), features=same, first_stage="hybrid",
+                     num_candidates=8, progress=False)
+    assert given.metrics == built.metrics

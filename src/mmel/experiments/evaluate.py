@@ -48,6 +48,7 @@ from mmel.models import load_model
 from mmel.retrieval import FIRST_STAGES
 from mmel.retrieval.dense import DenseScorer
 from mmel.retrieval.index_build import IndexBuildConfig, ModelSpec, build_index
+from mmel.retrieval.kb_store import kb_checksum
 from mmel.retrieval.linker import Linker
 from mmel.retrieval.reranking import order_by_score, with_name_prior
 
@@ -289,8 +290,10 @@ def _check_index_fits(linker: Linker, dataset: Dataset, first_stage: str, name_p
         problems.append(f"first stage {linker.manifest['first_stage']} (asked: {first_stage})")
     if linker.name_prior_weight != name_prior_weight:
         problems.append(f"name prior weight {linker.name_prior_weight} (asked: {name_prior_weight})")
-    if len(linker) != len(dataset.kb) or any(qid not in linker.entities([qid]) for qid in dataset.kb.qids[:1]):
-        problems.append(f"{len(linker)} entities (the dataset's KB has {len(dataset.kb)})")
+    kb = linker.manifest["kb"]
+    if kb["checksum_at_build"] != kb_checksum(dataset.kb) or linker.manifest.get("revision", 0):
+        problems.append(f"its KB ({len(linker)} entities, revision {linker.manifest.get('revision', 0)}) is not "
+                        f"exactly the dataset's ({len(dataset.kb)} entities)")
     if problems:
         raise MismatchError(f"{linker.directory} does not fit this evaluation: {'; '.join(problems)}")
 
