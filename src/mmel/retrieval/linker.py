@@ -252,15 +252,17 @@ class Linker(KBEdits):
 
     def _rank_encoded(self, mentions: list[Mention], features: FeatureBatch, top_k: int,
                       candidates_k: int) -> list[LinkResult]:
-        if self.manifest.get("vectors", "backbone") == "model":      # the model's own scores, searched exactly
-            query_vectors = self.model.query_vectors(self.model.encode_mentions(features)).float().cpu().numpy()
+        reranks = self.manifest["reranker"] != "none"
+        own_vectors = self.manifest.get("vectors", "backbone") == "model"   # the model's own scores, searched exactly
+        encoded = self.model.encode_mentions(features) if reranks or own_vectors else None   # once per batch
+        if own_vectors:
+            query_vectors = self.model.query_vectors(encoded).float().cpu().numpy()
         else:
             query_vectors = features.text_global.float().cpu().numpy()                  # [B, Dt]
         shortlists = self._first_stage.retrieve(mentions, query_vectors, candidates_k)
         prior = self.name_prior_weight
         shortlisted = self.entities([qid for shortlist in shortlists for qid, _ in shortlist]) if prior > 0 else {}
-        model = self.model if self.manifest["reranker"] != "none" else None
-        ranked_all = rerank(model, features, shortlists, self._cache.gather,
+        ranked_all = rerank(self.model if reranks else None, encoded, shortlists, self._cache.gather,
                             surfaces=[mention.surface for mention in mentions],
                             names={qid: entity.name for qid, entity in shortlisted.items()}, name_prior_weight=prior)
         kept = [items[:top_k] for items in ranked_all]

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from mmel.core.features import FeatureBatch
 from mmel.lexical.name_match import name_match
 from mmel.models.base import MelModel, RowCache
 from mmel.retrieval.first_stage import Shortlist
@@ -52,7 +51,7 @@ def with_name_prior(scores: Sequence[float], matches: Sequence[float], weight: f
     return [score + weight * match for score, match in zip(scores, matches, strict=True)]
 
 
-def model_scores(model: MelModel, features: FeatureBatch, shortlists: list[Shortlist],
+def model_scores(model: MelModel, mentions: RowCache, shortlists: list[Shortlist],
                  cache_rows: CacheRows) -> list[tuple[list[float], dict[str, list[float]]]]:
     """The model's score and unit scores of each mention against each of its shortlisted entities.
 
@@ -67,7 +66,7 @@ def model_scores(model: MelModel, features: FeatureBatch, shortlists: list[Short
     candidates = torch.zeros((len(shortlists), width), dtype=torch.long)                # [B, K]
     for row, shortlist in enumerate(shortlists):
         candidates[row, :len(shortlist)] = torch.tensor([position[qid] for qid, _ in shortlist], dtype=torch.long)
-    output = model.match_candidates(model.encode_mentions(features), cache_rows(distinct), candidates)
+    output = model.match_candidates(mentions, cache_rows(distinct), candidates)
     scored = []
     for row, shortlist in enumerate(shortlists):
         count = len(shortlist)
@@ -76,17 +75,18 @@ def model_scores(model: MelModel, features: FeatureBatch, shortlists: list[Short
     return scored
 
 
-def rerank(model: MelModel | None, features: FeatureBatch, shortlists: list[Shortlist], cache_rows: CacheRows, *,
+def rerank(model: MelModel | None, mentions: RowCache | None, shortlists: list[Shortlist], cache_rows: CacheRows, *,
            surfaces: Sequence[str], names: dict[str, str], name_prior_weight: float = 0.0
            ) -> list[list[RankedCandidate]]:
-    """Each mention's shortlist reranked (best first). `model` None keeps the first-stage scores.
+    """Each mention's shortlist reranked (best first), scored from the model's `mentions` cache [B].
 
+    `model` None keeps the first-stage scores (and needs no cache).
     `names` (QID -> entity name) must cover the shortlisted entities when `name_prior_weight` > 0.
     """
     if model is None:
         scored = [([score for _, score in shortlist], {}) for shortlist in shortlists]
     else:
-        scored = model_scores(model, features, shortlists, cache_rows)
+        scored = model_scores(model, mentions, shortlists, cache_rows)
     ranked = []
     for surface, shortlist, (scores, units) in zip(surfaces, shortlists, scored, strict=True):
         if name_prior_weight > 0:
