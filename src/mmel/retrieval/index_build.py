@@ -20,7 +20,6 @@ paths give the same features.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -42,7 +41,7 @@ from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, FeatureTable, FeatureViews
 from mmel.core.images import ImageReport, load_image
 from mmel.core.manifest import read_manifest as read_versioned_manifest
-from mmel.core.paths import atomic_directory, atomic_write_json, read_json
+from mmel.core.paths import atomic_directory, atomic_write_json, read_json, sha256_file
 from mmel.core.types import Dataset, Entity, KnowledgeBase
 from mmel.features.encoding import encode_items
 from mmel.features.store import build_features
@@ -182,11 +181,7 @@ def weights_fingerprint(checkpoint_dir: Path) -> str:
     path = Path(checkpoint_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise MismatchError(f"{checkpoint_dir}: {WEIGHTS_FILE} is missing; not a model checkpoint directory")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def load_checked_backbone(spec: ModelSpec, backbone: Backbone | None = None) -> Backbone:
