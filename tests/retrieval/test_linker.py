@@ -272,7 +272,9 @@ def test_build_refuses_bad_settings_and_kbs(tiny_index, linker_backbone, tmp_pat
     with pytest.raises(ConfigError, match="available: dense, bm25, hybrid"):
         IndexBuildConfig(first_stage="sparse")
     with pytest.raises(ConfigError, match="ivf_num_probes"):
-        IndexBuildConfig(ivf_num_probes=0)
+        IndexBuildConfig(ivf_num_probes=-1)
+    with pytest.raises(ConfigError, match="recall_target"):
+        IndexBuildConfig(recall_target=1.5)
     assert IndexBuildConfig(ivf_num_probes=64).vector_index_config().ivf_num_probes == 64
     with pytest.raises(ConfigError, match="vector_index"):
         IndexBuildConfig(vector_index="lsh")

@@ -34,8 +34,14 @@ def build(
                                                      "above), flat, hnsw or ivf.")] = "auto",
     exact_max_entities: Annotated[int, typer.Option(min=1, help="Largest KB indexed exactly by --kind auto.")
                                   ] = 200_000,
-    ivf_probes: Annotated[int, typer.Option(min=1, help="IVF lists scanned per query (large KBs): more finds more "
-                                                         "of the true nearest entities, slower.")] = 16,
+    ivf_probes: Annotated[int, typer.Option(min=0, help="IVF lists scanned per query (large KBs); 0: the fewest "
+                                                         "that reach --recall-target, measured at build time.")] = 0,
+    ivf_codes: Annotated[str, typer.Option(help="IVF vector storage: flat (float32) or sq8 (8-bit, 4x smaller).")
+                         ] = "flat",
+    recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="Approximate vector index: share of the "
+                                                                         "golds an exact search finds in its top "
+                                                                         "100 that the index must find too.")
+                             ] = 0.995,
     reranker: Annotated[str, typer.Option(help="Rerank candidates with the 'model', or 'none'.")] = "model",
     vectors: Annotated[str, typer.Option(help="What the dense first stage searches: the 'backbone' text vectors, "
                                               "or the 'model''s own (a dual encoder such as DIM: with "
@@ -54,6 +60,7 @@ def build(
     with exit_on_user_errors():
         config = IndexBuildConfig(first_stage=first_stage.value, vector_index=kind, reranker=reranker, vectors=vectors,
                                   exact_max_entities=exact_max_entities, ivf_num_probes=ivf_probes,
+                                  ivf_codes=ivf_codes, recall_target=recall_target,
                                   cache_dtype=cache_dtype,
                                   name_prior_weight=name_prior_weight)
         report = build_index(load_dataset(dataset), model, out, config=config, features_store=features,

@@ -18,8 +18,11 @@ never see it missing or twice.
 
 On disk an index is a self-describing directory, written atomically (temporary sibling, then
 rename):
-    manifest.json   format, kind, config, dim, counts, FAISS and mmel versions, caller metadata
-    faiss.index     faiss.write_index output (IndexIDMap2 for flat/HNSW, IndexIVFFlat; ids included)
+    manifest.json   format, kind, config, dim, counts, FAISS and mmel versions, caller metadata, the
+                    SHA-256 of faiss.index (checked before FAISS reads it), the search setting and
+                    the recall measured when it was chosen (`retrieval/index_tuning.py`)
+    faiss.index     faiss.write_index output (IndexIDMap2 for flat/HNSW, IndexIVFFlat or IndexIVFScalarQuantizer;
+                    ids included)
     id_map.json     {"qids": [qid or null per id], "tombstones": [ids]}
 `VectorIndex.load(dir, expect={...})` refuses a directory whose metadata (model fingerprint,
 backbone, KB checksum...) differs from what the caller expects.
@@ -45,7 +48,14 @@ from tqdm import tqdm
 from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.errors import DataError, MismatchError, NotFoundError, UsageError
 from mmel.core.manifest import read_manifest
-from mmel.core.paths import atomic_directory, atomic_write_json, read_json
+from mmel.core.paths import atomic_directory, atomic_write_json, read_json, sha256_file
+from mmel.retrieval.index_tuning import (
+    TuningQueries,
+    TuningResult,
+    doubling_ladder,
+    noisy_copies,
+    tune_search_setting,
+)
 
 FORMAT_NAME = "mmel-vector-index"
 FORMAT_VERSION = 1
@@ -53,6 +63,8 @@ MANIFEST_FILE = "manifest.json"
 FAISS_FILE = "faiss.index"
 ID_MAP_FILE = "id_map.json"
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
+IVF_CODES = ("flat", "sq8")
+HNSW_MAX_EF_SEARCH = 4096
 ADD_CHUNK_SIZE = 50_000          # vectors normalised and added per step (bounds the extra memory)
 _IVF_MIN_POINTS_PER_LIST = 39    # FAISS warns when k-means gets fewer training points per centroid
 _ABSENT = object()
@@ -66,23 +78,34 @@ class IndexConfig(ConfigBase):
     exact_max_entities: int = 200_000       # 'auto' builds an exact index up to this many entities, IVF above
     hnsw_links_per_node: int = 32           # HNSW's M
     hnsw_ef_construction: int = 80          # candidate list while inserting; higher = better graph, slower build
-    hnsw_ef_search: int = 128               # candidate list while searching (raised to K when K is larger)
+    hnsw_ef_search: int = 0                 # search candidate list (raised to K); 0 = tuned to the recall target
     hnsw_compact_fraction: float = 0.25     # rebuild the graph once this share of stored vectors is deleted
     ivf_num_lists: int = 0                  # 0 = about 4 * sqrt(N), capped by the training sample size
-    ivf_num_probes: int = 16                # lists scanned per query
+    ivf_num_probes: int = 0                 # lists scanned per query; 0 = tuned to the recall target at build time
+    ivf_codes: str = "flat"                 # IVF vector storage: 'flat' (float32) or 'sq8' (8-bit scalar, 4x smaller)
     ivf_max_train_vectors: int = 100_000    # k-means sample size
-    seed: int = 0                           # for the IVF training sample
+    recall_target: float = 0.995            # tuned settings: share of exactly-found golds the index must find...
+    recall_k: int = 100                     # ...in its top this many hits
+    tuning_queries: int = 1000              # held-out queries measured (noisy copies unless the caller gives real ones)
+    tuning_query_cosine: float = 0.8        # cosine of a noisy copy to its source vector
+    seed: int = 0                           # for the IVF training sample and the tuning queries
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ConfigError(f"unknown index kind {self.kind!r}; available: {', '.join(INDEX_KINDS)}")
-        positive = ("exact_max_entities", "hnsw_links_per_node", "hnsw_ef_construction", "hnsw_ef_search",
-                    "ivf_num_probes", "ivf_max_train_vectors")
+        positive = ("exact_max_entities", "hnsw_links_per_node", "hnsw_ef_construction", "ivf_max_train_vectors",
+                    "recall_k", "tuning_queries")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"IndexConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if self.ivf_num_lists < 0:
-            raise ConfigError(f"IndexConfig.ivf_num_lists must be 0 (automatic) or positive, got {self.ivf_num_lists}")
+        for name in ("ivf_num_lists", "ivf_num_probes", "hnsw_ef_search"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"IndexConfig.{name} must be 0 (automatic) or positive, got {getattr(self, name)}")
+        if self.ivf_codes not in IVF_CODES:
+            raise ConfigError(f"unknown ivf_codes {self.ivf_codes!r}; available: {', '.join(IVF_CODES)}")
+        for name in ("recall_target", "tuning_query_cosine"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"IndexConfig.{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 < self.hnsw_compact_fraction <= 1.0:
             raise ConfigError(f"IndexConfig.hnsw_compact_fraction must be in (0, 1], got {self.hnsw_compact_fraction}")
 
@@ -95,6 +118,10 @@ class IndexConfig(ConfigBase):
         if self.kind != "auto":
             return self.kind
         return "flat" if num_entities <= self.exact_max_entities else "ivf"
+
+    def fixed_search_setting(self, kind: str) -> int:
+        """The search setting the config fixes for `kind` (IVF probes, HNSW efSearch); 0 = tune it."""
+        return {"ivf": self.ivf_num_probes, "hnsw": self.hnsw_ef_search}.get(kind, 0)
 
 
 @dataclass
@@ -153,12 +180,15 @@ class VectorIndex:
     """
 
     def __init__(self, faiss_index: faiss.Index, *, kind: str, config: IndexConfig, dim: int,
-                 qid_by_id: list[str | None], tombstones: set[int], metadata: dict[str, Any]):
+                 qid_by_id: list[str | None], tombstones: set[int], metadata: dict[str, Any],
+                 tuning: dict[str, Any] | None = None):
         self._faiss = faiss_index
         self.kind = kind
         self.config = config
         self.dim = dim
         self.metadata = dict(metadata)
+        self.tuning = tuning   # TuningResult.to_dict() of a tuned search setting, else None
+        self.search_setting = config.fixed_search_setting(kind) or int((tuning or {}).get("value", 0))
         self._qid_by_id = qid_by_id
         self._id_by_qid = {qid: vector_id for vector_id, qid in enumerate(qid_by_id) if qid is not None}
         self._tombstones = tombstones
@@ -170,8 +200,14 @@ class VectorIndex:
     # --- construction -----------------------------------------------------------------------
     @classmethod
     def build(cls, vectors: np.ndarray, qids: Sequence[str], config: IndexConfig | None = None, *,
-              metadata: Mapping[str, Any] | None = None, progress: bool = True) -> VectorIndex:
-        """Index `vectors` [N, D] under `qids` (N unique strings), choosing the kind from `config`."""
+              metadata: Mapping[str, Any] | None = None, progress: bool = True,
+              tuning_queries: TuningQueries | None = None) -> VectorIndex:
+        """Index `vectors` [N, D] under `qids` (N unique strings), choosing the kind from `config`.
+
+        An approximate kind whose search setting the config leaves at 0 is tuned to
+        `config.recall_target`, measured on `tuning_queries` (rows of `vectors` as golds) or on
+        noisy copies of `vectors`.
+        """
         config = config or IndexConfig()
         vectors = _as_matrix(vectors, "vectors")
         stored_metadata = _json_metadata(metadata or {})  # checked before any expensive work
@@ -183,6 +219,8 @@ class VectorIndex:
                     metadata=stored_metadata)
         with index._lock.writing():
             index._insert_locked(vectors, qids, progress=progress)
+            if kind != "flat" and not config.fixed_search_setting(kind):
+                index._tune_locked(vectors, tuning_queries)
         return index
 
     # --- queries ----------------------------------------------------------------------------
@@ -240,6 +278,26 @@ class VectorIndex:
         with self._lock.writing():
             self._compact_locked()
 
+    # --- tuning -----------------------------------------------------------------------------
+    def _tune_locked(self, vectors: np.ndarray, queries: TuningQueries | None) -> None:
+        """Pick the cheapest search setting that reaches the recall target (ids are still the build rows)."""
+        config = self.config
+        queries = queries or noisy_copies(vectors, config.tuning_queries, cosine=config.tuning_query_cosine,
+                                          seed=config.seed)
+        queries = TuningQueries(_normalised(queries.vectors, "tuning queries"), queries.gold_rows, queries.source)
+        if self.kind == "ivf":
+            parameter, ladder = "nprobe", doubling_ladder(1, int(faiss.extract_index_ivf(self._faiss).nlist))
+        else:
+            parameter, ladder = "efSearch", doubling_ladder(16, HNSW_MAX_EF_SEARCH)
+
+        def search(query_vectors: np.ndarray, k: int, setting: int) -> np.ndarray:
+            return self._faiss.search(query_vectors, k, params=self._parameters_for(setting, k))[1]
+
+        result: TuningResult = tune_search_setting(search, ladder, parameter=parameter, vectors=vectors,
+                                                   queries=queries, k=min(config.recall_k, len(vectors)),
+                                                   target=config.recall_target)
+        self.tuning, self.search_setting = result.to_dict(), result.value
+
     # --- persistence ------------------------------------------------------------------------
     def save(self, directory: Path) -> Path:
         """Write the index directory atomically (a crash leaves the previous version or nothing)."""
@@ -248,13 +306,15 @@ class VectorIndex:
         directory = Path(directory)
         with self._lock.reading(), atomic_directory(directory) as tmp:
             faiss.write_index(self._faiss, str(tmp / FAISS_FILE))
+            faiss_sha256 = sha256_file(tmp / FAISS_FILE)
             atomic_write_json(tmp / ID_MAP_FILE, {"qids": self._qid_by_id, "tombstones": sorted(self._tombstones)},
                               indent=None)
             atomic_write_json(tmp / MANIFEST_FILE, {
                 "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
                 "config": self.config.to_dict(), "dim": self.dim, "count": len(self._id_by_qid),
                 "stored_vectors": int(self._faiss.ntotal), "faiss_version": faiss.__version__,
-                "mmel_version": __version__, "metadata": self.metadata,
+                "mmel_version": __version__, "metadata": self.metadata, "faiss_sha256": faiss_sha256,
+                "search_setting": self.search_setting, "tuning": self.tuning,
             })
         return directory
 
@@ -266,10 +326,12 @@ class VectorIndex:
         check_expected_metadata(manifest, expect or {}, source=directory / MANIFEST_FILE)
         id_map_path = directory / ID_MAP_FILE
         qid_by_id, tombstones = _parse_id_map(read_json(id_map_path), id_map_path)
+        _check_faiss_checksum(directory / FAISS_FILE, manifest)
         faiss_index = faiss.read_index(str(directory / FAISS_FILE))
         _check_consistent(manifest, faiss_index, qid_by_id, tombstones, directory)
         return cls(faiss_index, kind=manifest["kind"], config=IndexConfig.from_dict(manifest["config"]),
-                   dim=manifest["dim"], qid_by_id=qid_by_id, tombstones=tombstones, metadata=manifest["metadata"])
+                   dim=manifest["dim"], qid_by_id=qid_by_id, tombstones=tombstones, metadata=manifest["metadata"],
+                   tuning=manifest.get("tuning"))
 
     # --- internals (callers hold the write lock) --------------------------------------------
     def _add_locked(self, vectors: np.ndarray, qids: Sequence[str], *, progress: bool) -> None:
@@ -334,10 +396,13 @@ class VectorIndex:
         self._filter_parts = (removed,)  # keep the wrapped selector alive as long as the filter
 
     def _search_parameters(self, k: int) -> faiss.SearchParameters | None:
+        return self._parameters_for(self.search_setting, k)
+
+    def _parameters_for(self, setting: int, k: int) -> faiss.SearchParameters | None:
         if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=max(self.config.hnsw_ef_search, k), sel=self._search_filter)
+            return faiss.SearchParametersHNSW(efSearch=max(setting, k), sel=self._search_filter)
         if self.kind == "ivf":
-            return faiss.SearchParametersIVF(nprobe=self.config.ivf_num_probes)
+            return faiss.SearchParametersIVF(nprobe=setting)
         return None
 
     def _to_result(self, scores: np.ndarray, ids: np.ndarray) -> SearchResult:
@@ -370,6 +435,19 @@ def check_expected_metadata(manifest: Mapping[str, Any], expect: Mapping[str, An
     if problems:
         raise MismatchError(f"{source}: the index was built for something else; {'; '.join(problems)}. "
                             "Rebuild the index for this model and KB, or load the matching model.")
+
+
+def _check_faiss_checksum(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse a FAISS file whose bytes differ from what the manifest recorded (before FAISS parses them)."""
+    expected = manifest.get("faiss_sha256")
+    if not isinstance(expected, str):
+        raise DataError("no 'faiss_sha256' recorded (an index written before checksums): rebuild it",
+                        path=path.parent / MANIFEST_FILE)
+    if not path.is_file():
+        raise DataError("FAISS file missing; the directory was copied partially: rebuild it", path=path)
+    if sha256_file(path) != expected:
+        raise MismatchError(f"{path}: SHA-256 differs from the manifest's; the file was changed or damaged after "
+                            "it was written: rebuild the index")
 
 
 def _parse_id_map(raw: Any, path: Path) -> tuple[list[str | None], set[int]]:
@@ -411,7 +489,6 @@ def _new_faiss_index(kind: str, dim: int, config: IndexConfig, training_vectors:
     if kind == "hnsw":
         graph = faiss.IndexHNSWFlat(dim, config.hnsw_links_per_node, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = config.hnsw_ef_construction
-        graph.hnsw.efSearch = config.hnsw_ef_search
         return faiss.IndexIDMap2(graph)
     return _trained_ivf_index(dim, config, training_vectors)
 
@@ -426,10 +503,13 @@ def _trained_ivf_index(dim: int, config: IndexConfig, vectors: np.ndarray) -> fa
     sample = _normalised(vectors[sample_rows], "vectors")
     wanted_lists = config.ivf_num_lists or int(4 * np.sqrt(len(vectors)))
     num_lists = max(1, min(wanted_lists, sample_size // _IVF_MIN_POINTS_PER_LIST))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, num_lists, faiss.METRIC_INNER_PRODUCT)
+    if config.ivf_codes == "sq8":
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, num_lists,
+                                              faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, num_lists, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = config.seed
     index.train(sample)
-    index.nprobe = config.ivf_num_probes
     return index
 
 

@@ -52,6 +52,7 @@ from mmel.models.base import MelModel
 from mmel.retrieval import FIRST_STAGES
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
 from mmel.retrieval.index import INDEX_KINDS, IndexConfig, VectorIndex, read_index_manifest
+from mmel.retrieval.index_tuning import describe_tuning
 from mmel.retrieval.kb_store import EntityStore, kb_checksum
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ class IndexBuildConfig(ConfigBase):
     vectors: str = "backbone"
     vector_index: str = "auto"               # FAISS kind: 'auto', 'flat' (exact), 'hnsw' or 'ivf'
     exact_max_entities: int = 200_000        # 'auto' is exact up to this many entities, IVF above
-    ivf_num_probes: int = 16                 # IVF lists scanned per query: more finds more, slower
+    ivf_num_probes: int = 0                  # IVF lists scanned per query; 0 = the fewest reaching recall_target
+    ivf_codes: str = "flat"                  # IVF vector storage: 'flat' (float32) or 'sq8' (8-bit, 4x smaller)
+    recall_target: float = 0.995             # approximate first stage: share of exactly-found golds it must find
     cache_dtype: str = "auto"                # reranker cache storage: 'float32', 'float16' or 'auto'
     float32_cache_max_entities: int = 200_000  # 'auto' stores float32 up to this many entities, float16 above
     bm25_fields: str = "name"                # BM25 documents: 'name' or 'name+text'
@@ -99,9 +102,10 @@ class IndexBuildConfig(ConfigBase):
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; available: {', '.join(allowed)}")
-        for name in ("exact_max_entities", "float32_cache_max_entities", "encode_batch_size", "ivf_num_probes"):
+        for name in ("exact_max_entities", "float32_cache_max_entities", "encode_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"IndexBuildConfig.{name} must be at least 1, got {getattr(self, name)}")
+        self.vector_index_config()   # checks the FAISS settings
         if self.name_prior_weight is not None and self.name_prior_weight < 0:
             raise ConfigError(f"IndexBuildConfig.name_prior_weight must be >= 0, got {self.name_prior_weight}")
 
@@ -112,7 +116,8 @@ class IndexBuildConfig(ConfigBase):
 
     def vector_index_config(self) -> IndexConfig:
         return IndexConfig(kind=self.vector_index, exact_max_entities=self.exact_max_entities,
-                           ivf_num_probes=self.ivf_num_probes)
+                           ivf_num_probes=self.ivf_num_probes, ivf_codes=self.ivf_codes,
+                           recall_target=self.recall_target)
 
 
 @dataclass(frozen=True)
@@ -158,11 +163,14 @@ class IndexBuildReport:
     bytes_on_disk: int
     image_report: ImageReport = field(default_factory=ImageReport)
     stage_seconds: dict[str, float] = field(default_factory=dict)   # where `seconds` went, stage by stage
+    recall_tuning: dict[str, Any] | None = None   # the approximate vector index's tuned setting (TuningResult dict)
 
     def summary(self) -> str:
+        tuned = f"; vector search {describe_tuning(self.recall_tuning)}" if self.recall_tuning else ""
         return (f"{self.directory}: {self.entities} entities ({self.with_image} with an image), first stage "
                 f"{self.first_stage} ({self.vector_index} vectors), reranker cache {self.cache_dtype}, "
-                f"{self.bytes_on_disk / 2**20:.1f} MiB, built in {self.seconds:.1f} s; {self.image_report.summary()}")
+                f"{self.bytes_on_disk / 2**20:.1f} MiB, built in {self.seconds:.1f} s{tuned}; "
+                f"{self.image_report.summary()}")
 
 
 def _model_views(header: dict[str, Any], template: TextTemplate, *, source: Path) -> FeatureViews:
@@ -243,7 +251,8 @@ def build_index(dataset: Dataset, checkpoint_dir: Path, out_dir: Path, *, config
     built = IndexBuildReport(directory=out_dir, entities=len(kb), with_image=with_image,
                              first_stage=config.first_stage, vector_index=vectors_index.kind,
                              cache_dtype=storage_dtype, seconds=time.perf_counter() - started,
-                             bytes_on_disk=_directory_bytes(out_dir), image_report=report, stage_seconds=stages)
+                             bytes_on_disk=_directory_bytes(out_dir), image_report=report, stage_seconds=stages,
+                             recall_tuning=vectors_index.tuning)
     logger.info("%s", built.summary())
     return built
 
@@ -294,6 +303,7 @@ def describe_index(index_dir: Path) -> dict[str, Any]:
     vectors = read_index_manifest(index_dir / VECTORS_DIR)
     nil_path = index_dir / NIL_FILE
     return {"directory": str(index_dir), "entities": vectors["count"], "vector_index": vectors["kind"],
+            "search_setting": vectors.get("search_setting"), "recall_tuning": vectors.get("tuning"),
             "nil_threshold": read_json(nil_path)["threshold"] if nil_path.is_file() else None,
             "bytes_on_disk": _directory_bytes(index_dir), "vectors": manifest.get("vectors", "backbone"),
             **{key: manifest[key] for key in ("model", "backbone", "preprocess", "kb", "first_stage", "reranker",
