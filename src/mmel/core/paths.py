@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -10,10 +12,11 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mmel.core.crashpoints import crash_point
 from mmel.core.errors import DataError, PathEscapeError
 
 
@@ -64,7 +67,11 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never half of it."""
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half of it.
+
+    A kill before the rename leaves a `.<name>.<random>.tmp` sibling; `remove_stale_temporaries`
+    (called by the owner of the directory, e.g. an index's recovery) removes it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -74,6 +81,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        crash_point(f"atomic_write.before_rename@{path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -91,24 +99,137 @@ def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename."""
+    """Yield a temporary sibling directory; on success it replaces `path` in one step.
+
+    The replacement exchanges the two directories with one `renameat2(RENAME_EXCHANGE)` where the
+    file system supports it (Linux), so `path` is never missing, not even for a moment. Elsewhere
+    the old directory is first moved aside to `.<name>.old`; a kill between that rename and the
+    next leaves no `path`, and `restore_interrupted_swap` (run here before every write, and by an
+    index's recovery) puts the old one back.
+
+    One writer per `path` at a time: the leftovers of an earlier, killed write of the same path
+    (temporary siblings, an old copy) are removed before this one starts.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_swap(path)
+    remove_stale_siblings(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     tmp.chmod(0o777 & ~_current_umask())  # mkdtemp makes 0700; give the usual directory mode
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        crash_point(f"atomic_directory.before_swap@{path.name}")
+        _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` at `path`; whatever was at `path` is deleted."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if _exchange(tmp, path):
+        crash_point(f"atomic_directory.after_swap@{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)     # it holds the old version now
+        return
+    old = _old_copy(path)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    crash_point(f"atomic_directory.old_moved_aside@{path.name}")
+    os.replace(tmp, path)
+    crash_point(f"atomic_directory.after_swap@{path.name}")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_interrupted_swap(path: Path) -> bool:
+    """Put back the old copy of a directory whose replacement was killed between its two renames.
+
+    Only the fallback swap (no RENAME_EXCHANGE) has that window. The old copy is the last complete
+    version; a temporary sibling may be complete too, but nothing on disk says so. Returns True if
+    it restored something. Call it under the same one-writer rule as `atomic_directory`.
+    """
+    path = Path(path)
+    old = _old_copy(path)
+    if path.exists() or not old.is_dir():
+        return False
+    os.replace(old, path)
+    return True
+
+
+def remove_stale_siblings(path: Path) -> list[str]:
+    """Delete what killed atomic writes of `path` left beside it (`.<name>.<random>.tmp`, `.<name>.old`).
+
+    Returns the names removed. Only the writer of `path` may call this: another process's write in
+    progress looks exactly like a leftover.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{_RANDOM_PART}\.tmp|old)")
+    return _remove_entries(path.parent, pattern.fullmatch)
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Delete every leftover of killed atomic writes directly inside `directory`; returns their names.
+
+    For the owner of a directory that holds several atomically written files and folders (an
+    index): call it while no write can be in progress, e.g. under the owner's lock.
+    """
+    pattern = re.compile(rf"\..+\.(?:{_RANDOM_PART}\.tmp|old)")
+    return _remove_entries(Path(directory), pattern.fullmatch)
+
+
+_RANDOM_PART = "[a-z0-9_]{8}"   # what tempfile puts between prefix and suffix
+
+
+def _remove_entries(directory: Path, matches: Callable[[str], object]) -> list[str]:
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in os.scandir(directory):
+        if not matches(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        removed.append(entry.name)
+    return sorted(removed)
+
+
+def _old_copy(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_EXCHANGE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's renameat2 (glibc 2.28+), or None where there is none (macOS, older musl, Windows)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the system or file system cannot."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _EXCHANGE_UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 @functools.cache
