@@ -52,6 +52,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmel.backbones.base import Backbone, ImageFeatures, TextFeatures
+from mmel.core.crashpoints import crash_point
 from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, PooledView
 from mmel.core.images import ImageReport, decode_image_bytes, read_image_bytes
@@ -462,6 +463,7 @@ def _write_encoded_shard(cache: ShardCache, keys: list[str], batches: Iterator[d
         for name in cache.fields:
             parts[name].append(arrays[name])
     cache.write_shard(keys, {name: np.concatenate(chunks) for name, chunks in parts.items()})
+    crash_point(f"features.{kind}_shard_written")
     if on_shard is not None:
         on_shard(kind, len(keys))
 

@@ -37,6 +37,7 @@ from mmel.backbones import load_backbone
 from mmel.backbones.base import Backbone
 from mmel.core.checkpoint import WEIGHTS_FILE, read_checkpoint_header
 from mmel.core.config import ConfigBase, ConfigError
+from mmel.core.crashpoints import crash_point
 from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, FeatureTable, FeatureViews
 from mmel.core.images import ImageReport, load_image
@@ -340,6 +341,7 @@ def _check_buildable(dataset: Dataset, features_store: Path | None, entity_featu
 @contextmanager
 def _stage(stages: dict[str, float], name: str) -> Iterator[None]:
     """Add the wall time of the block to `stages[name]`."""
+    crash_point(f"index_build.{name}")
     started = time.perf_counter()
     try:
         yield

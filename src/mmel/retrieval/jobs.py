@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mmel.core.crashpoints import crash_point
 from mmel.core.errors import DataError
 from mmel.core.images import ImageReport
 from mmel.core.types import LinkResult, Mention
@@ -59,7 +60,9 @@ def link_jsonl(linker: Linker, input_path: Path, output_path: Path, *, images_ro
             outcomes = linker.link_mentions(chunk, images_root, top_k=top_k, candidates_k=candidates_k,
                                             report=report.image_report)
             lines = [json.dumps(_output_record(m, o), ensure_ascii=False) for m, o in zip(chunk, outcomes, strict=True)]
+            crash_point("link_file.chunk_linked")
             _append_lines(output_path, lines)
+            crash_point("link_file.chunk_written")
             report.failed += sum(isinstance(outcome, QueryError) for outcome in outcomes)
             report.linked += sum(not isinstance(outcome, QueryError) for outcome in outcomes)
             bar.update(len(chunk))
