@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
-from mmel.core.errors import MismatchError
+from mmel.core.errors import DataError, MismatchError
+from mmel.core.npy import NpyWriter, open_npy_random_access
 from mmel.models.base import RowCache, cache_field
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
 
@@ -91,4 +93,51 @@ def test_guards(tmp_path):
     with pytest.raises(KeyError, match="no cached rows"):
         store.gather(["nope"])
     with pytest.raises(ValueError, match="storage dtype"):
-        EntityCacheStore.create(tmp_path / "other", layout, "int8")
+        EntityCacheStore.create(tmp_path / "other", layout, "int4")
+
+
+def random_toy(count: int, seed: int) -> ToyCache:
+    generator = torch.Generator().manual_seed(seed)
+    return ToyCache(vector=torch.randn(count, 3, generator=generator),
+                    tokens=torch.randn(count, 2, 4, generator=generator) * 10,
+                    flag=torch.rand(count, generator=generator) > 0.5)
+
+
+def test_int8_storage_round_trips_within_its_quantization_step_and_compacts(tmp_path):
+    original = random_toy(50, seed=1)
+    original.tokens[3] = 0.0                                   # a zero vector decodes to zeros
+    store = EntityCacheStore.create(tmp_path / "cache", TOY_LAYOUT, "int8")
+    qids = [f"Q{row}" for row in range(50)]
+    store.write_segment(qids, [original.select(slice(0, 20)), original.select(slice(20, 50))])
+    reopened = EntityCacheStore.open(tmp_path / "cache", TOY_LAYOUT, live_qids=qids)
+    gathered = reopened.gather(qids[::-1])
+    for name in ("vector", "tokens"):
+        exact = getattr(original, name).flip(0)
+        step = exact.abs().amax(dim=-1, keepdim=True) / 127      # one quantization step per stored vector
+        assert (getattr(gathered, name) - exact).abs().le(step / 2 + 1e-6).all()
+    assert torch.equal(gathered.flag, original.flag.flip(0)) and gathered.tokens[-4].eq(0).all()
+    files = sorted(path.name for path in (tmp_path / "cache" / "segment-000000").iterdir())
+    assert files == ["flag.npy", "qids.json", "tokens.npy", "tokens.scale.npy", "vector.npy", "vector.scale.npy"]
+    assert np.load(tmp_path / "cache" / "segment-000000" / "tokens.npy").dtype == np.int8
+    reopened.forget(qids[:10])
+    reopened.compact()
+    torch.testing.assert_close(reopened.gather(qids[10:]).tokens, gathered.tokens.flip(0)[10:])
+
+
+def test_written_arrays_are_plain_npy_and_read_back_randomly(tmp_path):
+    rows = np.arange(24, dtype=np.float16).reshape(6, 2, 2)
+    with NpyWriter(tmp_path / "a.npy", rows.shape, rows.dtype) as writer:
+        writer.append(rows[:4])
+        writer.append(rows[4:])
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), rows)
+    mapped = open_npy_random_access(tmp_path / "a.npy")
+    np.testing.assert_array_equal(mapped[[5, 0]], rows[[5, 0]])
+    assert not mapped.flags.writeable
+    with pytest.raises(ValueError, match="3 rows written, 6 declared"), NpyWriter(tmp_path / "b.npy", (6,), "f4") as w:
+        w.append(np.zeros(3))
+    (tmp_path / "c.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-8])
+    with pytest.raises(DataError, match="truncated"):
+        open_npy_random_access(tmp_path / "c.npy")
+    np.save(tmp_path / "d.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="object"):
+        open_npy_random_access(tmp_path / "d.npy")

@@ -357,3 +357,19 @@ def test_dataset_mentions_of_only_invisible_characters_are_refused_not_linked(sh
     outcomes = shared_linker.link_mentions([blank, good], tiny_index.root, top_k=1)
     assert isinstance(outcomes[0], QueryError) and "empty" in str(outcomes[0])
     assert outcomes[1].best.qid == good.gold_qid
+
+
+def test_an_int8_reranker_cache_links_like_the_float32_one(tiny_index, linker_backbone, tmp_path):
+    results = {}
+    for dtype in ("float32", "int8"):
+        build_index(tiny_index.dataset, tiny_index.checkpoint, tmp_path / dtype,
+                    config=IndexBuildConfig(first_stage="dense", cache_dtype=dtype), backbone=linker_backbone,
+                    progress=False)
+        with Linker.load(tmp_path / dtype, backbone=linker_backbone) as linker:
+            assert linker.info()["cache_dtype"] == dtype
+            results[dtype] = linker.link("Stefanie Powers starred in Hart to Hart.", mention="Stefanie Powers",
+                                         top_k=8)
+    exact, quantized = results["float32"], results["int8"]
+    assert [c.qid for c in quantized.candidates] == [c.qid for c in exact.candidates]
+    np.testing.assert_allclose([c.score for c in quantized.candidates], [c.score for c in exact.candidates],
+                               rtol=0.01)   # per-vector int8 steps move scores by well under a percent

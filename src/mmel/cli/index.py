@@ -47,7 +47,8 @@ def build(
                                               "or the 'model''s own (a dual encoder such as DIM: with "
                                               "--first-stage dense --reranker none, exact full-KB ranking).")
                        ] = "backbone",
-    cache_dtype: Annotated[str, typer.Option(help="Reranker cache storage: auto, float32 or float16.")] = "auto",
+    cache_dtype: Annotated[str, typer.Option(help="Reranker cache storage: auto, float32, float16 or int8 "
+                                                       "(per-vector scales; half of float16).")] = "auto",
     name_prior_weight: Annotated[float | None, typer.Option(
         min=0.0, help="Weight of the surface-name match added to reranker scores (default: the weight tuned "
                       "into the checkpoint by `mmel tune-name-prior`, else 0).")] = None,

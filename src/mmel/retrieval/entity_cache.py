@@ -6,10 +6,13 @@ smaller. With the default MiniLM + EfficientNet backbone the raw reranking input
 are 40 x 384 text tokens plus 49 x 1280 image patches (about 155 KB in float16); MIMIC's cache is
 40 x 96 token queries plus a few vectors (about 9.6 KB in float16, 19.2 KB in float32), because
 the image patches collapse into per-entity vectors. A million entities fit in about 9.6 GB of
-float16 on disk, read through the page cache.
+float16 on disk, or 5 GB as 'int8' (each vector of a float field stored as int8 with its own
+absmax / 127 scale; the accuracy cost is measured in docs/RESULTS.md), read through the page
+cache with random-access advice (`core/npy.py`), so serving touches only the rows it reranks.
 
 Layout: `segments.json` lists segments (name + metadata) in write order; each segment directory holds `qids.json`
-and one `<field>.npy` per cache field (rows aligned with the QIDs). Adding entities writes a new
+and one `<field>.npy` per cache field (rows aligned with the QIDs; with 'int8' storage also
+`<field>.scale.npy`, one float32 scale per stored vector). Adding entities writes a new
 segment; an updated entity's newest row wins; removed entities simply lose their location (the
 caller passes the live QIDs), so adding and removing never rewrite a segment. Dead rows stay on
 disk until `compact` copies the live rows into fresh segments (one per distinct segment
@@ -22,6 +25,7 @@ Shapes: N entities, K gathered rows; each field is [N, *trailing].
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -35,13 +39,15 @@ import numpy as np
 import torch
 
 from mmel.core.errors import DataError, MismatchError, NotFoundError, UsageError
+from mmel.core.npy import NpyWriter, open_npy_random_access
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.models.base import MelModel
 
 SEGMENTS_FILE = "segments.json"
 SEGMENT_NAME = re.compile(r"segment-(\d{6,})")
 QIDS_FILE = "qids.json"
-STORAGE_DTYPES = ("float32", "float16")
+STORAGE_DTYPES = ("float32", "float16", "int8")
+SCALE_SUFFIX = ".scale"
 
 
 @dataclass(frozen=True)
@@ -142,9 +148,16 @@ class EntityCacheStore:
             values = np.empty((len(places), *shape), dtype=np.bool_ if kind == "bool" else np.float32)
             for segment in np.unique(segments):
                 selected = np.flatnonzero(segments == segment)
-                values[selected] = self._segments[segment][name][rows[selected]]
+                values[selected] = self._read_rows(self._segments[segment], name, rows[selected])
             columns[name] = torch.from_numpy(values)
         return self.layout.cache_class(**columns)
+
+    def _read_rows(self, arrays: dict[str, np.ndarray], name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of one field of one segment, dequantized where the field is stored as int8."""
+        scale = arrays.get(name + SCALE_SUFFIX)
+        if scale is None:
+            return arrays[name][rows]
+        return dequantize_int8(arrays[name][rows], scale[rows])
 
     # --- writing ----------------------------------------------------------------------------
     def write_segment(self, qids: Sequence[str], caches: Iterable[Any], *, metadata: dict[str, Any] | None = None,
@@ -181,30 +194,43 @@ class EntityCacheStore:
         return dataclasses.replace(before, rows_after=self.stored_rows(), segments_after=self.num_segments)
 
     def _write_segment_files(self, name: str, qids: Sequence[str], caches: Iterable[Any]) -> None:
+        """Stream the rows of `caches` into the segment's .npy files (appended, never mapped: see core/npy.py)."""
         with atomic_directory(self.directory / name) as tmp:
-            arrays = {field_name: np.lib.format.open_memmap(
-                          tmp / f"{field_name}.npy", mode="w+", shape=(len(qids), *shape),
-                          dtype=np.bool_ if kind == "bool" else np.dtype(self.storage_dtype))
-                      for field_name, (shape, kind) in self.layout.fields.items()}
-            start = 0
-            for cache in caches:
-                if start + len(cache) > len(qids):
-                    raise UsageError(f"more cached rows than the {len(qids)} QIDs")
-                for field_name, array in arrays.items():
-                    values = getattr(cache, field_name)
-                    if tuple(values.shape[1:]) != array.shape[1:]:
-                        raise MismatchError(f"{type(cache).__name__}.{field_name} rows have shape "
-                                            f"{tuple(values.shape[1:])}, the layout says {array.shape[1:]}: the "
-                                            "features' text length or image token count differs from the model's "
-                                            "checkpoint (preprocess.max_text_length, backbone.num_patches)")
-                    array[start:start + len(cache)] = values.detach().cpu().numpy()
-                start += len(cache)
-            if start != len(qids):
-                raise UsageError(f"{len(qids)} QIDs but {start} cached rows")
-            for array in arrays.values():
-                array.flush()
-            del arrays
+            with contextlib.ExitStack() as open_files:
+                writers = {field_name: self._field_writers(open_files, tmp, field_name, (len(qids), *shape), kind)
+                           for field_name, (shape, kind) in self.layout.fields.items()}
+                start = 0
+                for cache in caches:
+                    if start + len(cache) > len(qids):
+                        raise UsageError(f"more cached rows than the {len(qids)} QIDs")
+                    for field_name, (writer, scale_writer) in writers.items():
+                        values = _checked_rows(cache, field_name, writer.shape[1:])
+                        if scale_writer is None:
+                            writer.append(values)
+                        else:
+                            quantized, scales = quantize_int8(values)
+                            writer.append(quantized)
+                            scale_writer.append(scales)
+                    start += len(cache)
+                if start != len(qids):
+                    raise UsageError(f"{len(qids)} QIDs but {start} cached rows")
             atomic_write_json(tmp / QIDS_FILE, list(qids), indent=None)
+
+    def _field_writers(self, open_files: contextlib.ExitStack, directory: Path, field_name: str,
+                       shape: tuple[int, ...], kind: str) -> tuple[NpyWriter, NpyWriter | None]:
+        """The writer of a field's values and, for int8 storage of a float field, of its scales."""
+        def writer(suffix: str, writer_shape: tuple[int, ...], dtype: Any) -> NpyWriter:
+            return open_files.enter_context(NpyWriter(directory / f"{field_name}{suffix}.npy", writer_shape, dtype))
+
+        if kind == "bool":
+            return writer("", shape, np.bool_), None
+        if not self._quantizes(shape[1:]):
+            return writer("", shape, np.float32 if self.storage_dtype == "int8" else self.storage_dtype), None
+        return writer("", shape, np.int8), writer(SCALE_SUFFIX, shape[:-1], np.float32)
+
+    def _quantizes(self, trailing_shape: tuple[int, ...]) -> bool:
+        """int8 storage quantizes float fields made of vectors; a scalar per entity stays float32."""
+        return self.storage_dtype == "int8" and len(trailing_shape) >= 1
 
     def _next_segment_name(self) -> str:
         """One past the highest segment number listed or on disk (so a leftover of a crash is never reused)."""
@@ -232,15 +258,11 @@ class EntityCacheStore:
         if not isinstance(qids, list):
             raise DataError("expected a JSON list of QIDs", path=path / QIDS_FILE)
         arrays = {}
-        for field_name, (shape, _) in self.layout.fields.items():
-            file = path / f"{field_name}.npy"
-            try:
-                array = np.load(file, mmap_mode="r", allow_pickle=False)
-            except FileNotFoundError:
-                raise DataError("cache array missing", path=file) from None
-            if array.shape != (len(qids), *shape):
-                raise MismatchError(f"{file}: shape {array.shape}, expected {(len(qids), *shape)}; rebuild the index")
-            arrays[field_name] = array
+        for field_name, (shape, kind) in self.layout.fields.items():
+            arrays[field_name] = _mapped(path / f"{field_name}.npy", (len(qids), *shape))
+            if kind == "float" and self._quantizes(shape):
+                arrays[field_name + SCALE_SUFFIX] = _mapped(path / f"{field_name}{SCALE_SUFFIX}.npy",
+                                                            (len(qids), *shape[:-1]))
         segment = len(self._segments)
         self._segments.append(arrays)
         self._segment_info.append(info)
@@ -249,6 +271,41 @@ class EntityCacheStore:
     def _save_listing(self) -> None:
         atomic_write_json(self.directory / SEGMENTS_FILE, {
             "segments": self._segment_info, "storage_dtype": self.storage_dtype, "layout": self.layout.describe()})
+
+
+def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, *S, D] floats -> int8 codes [n, *S, D] and one scale per vector [n, *S] (absmax / 127).
+
+    A per-vector scale keeps a vector's direction to within 1/254 of its largest component, so dot
+    products move by well under a percent; a zero vector gets scale 0 and decodes to zeros.
+    """
+    scales = (np.abs(values).max(axis=-1) / 127.0).astype(np.float32)          # [n, *S]
+    safe = np.where(scales == 0, 1.0, scales)[..., None]
+    return np.clip(np.rint(values / safe), -127, 127).astype(np.int8), scales
+
+
+def dequantize_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Inverse of `quantize_int8`: float32 [n, *S, D]."""
+    return codes.astype(np.float32) * scales[..., None]
+
+
+def _checked_rows(cache: Any, field_name: str, trailing_shape: tuple[int, ...]) -> np.ndarray:
+    values = getattr(cache, field_name)
+    if tuple(values.shape[1:]) != trailing_shape:
+        raise MismatchError(f"{type(cache).__name__}.{field_name} rows have shape {tuple(values.shape[1:])}, the "
+                            f"layout says {trailing_shape}: the features' text length or image token count differs "
+                            "from the model's checkpoint (preprocess.max_text_length, backbone.num_patches)")
+    return values.detach().cpu().numpy()
+
+
+def _mapped(file: Path, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        array = open_npy_random_access(file)
+    except FileNotFoundError:
+        raise DataError("cache array missing", path=file) from None
+    if array.shape != shape:
+        raise MismatchError(f"{file}: shape {array.shape}, expected {shape}; rebuild the index")
+    return array
 
 
 __all__ = ["STORAGE_DTYPES", "CacheLayout", "CompactionReport", "EntityCacheStore"]

@@ -69,7 +69,7 @@ CACHE_DIR = "entity_cache"
 NIL_FILE = "nil.json"
 RERANKERS = ("model", "none")
 VECTOR_SOURCES = ("backbone", "model")
-CACHE_DTYPES = ("auto", "float32", "float16")
+CACHE_DTYPES = ("auto", "float32", "float16", "int8")
 CHANGE_LOG_LENGTH = 100   # manifest keeps the last this many add/remove records
 DEFAULT_TEMPLATE = "mimic"
 DEFAULT_MAX_TEXT_LENGTH = 40
@@ -90,7 +90,7 @@ class IndexBuildConfig(ConfigBase):
     ivf_num_probes: int = 0                  # IVF lists scanned per query; 0 = the fewest reaching recall_target
     ivf_codes: str = "flat"                  # IVF vector storage: 'flat' (float32) or 'sq8' (8-bit, 4x smaller)
     recall_target: float = 0.995             # approximate first stage: share of exactly-found golds it must find
-    cache_dtype: str = "auto"                # reranker cache storage: 'float32', 'float16' or 'auto'
+    cache_dtype: str = "auto"                # reranker cache storage: 'float32', 'float16', 'int8' or 'auto'
     float32_cache_max_entities: int = 200_000  # 'auto' stores float32 up to this many entities, float16 above
     bm25_fields: str = "name"                # BM25 documents: 'name' or 'name+text'
     encode_batch_size: int = 64              # entities per backbone / model batch while building
