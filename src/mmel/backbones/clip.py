@@ -14,6 +14,9 @@ EOS inside; images resized to 224 x 224 with LANCZOS (aspect ratio not kept), sc
 normalised with the checkpoint's mean and std (CLIP's by default). The text and vision towers are
 called directly rather than through `CLIPModel.forward`, which computes the same tensors but needs
 both modalities at once.
+
+Weights are read from safetensors only: a pickle `.bin` checkpoint can run code when it is loaded,
+so a directory (or hub snapshot) without `model.safetensors` is refused with the way to convert it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the papers' checkpoint (models.
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_FILE = "preprocessor_config.json"
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")   # one file, or shards with an index
 
 
 class CLIPBackbone(nn.Module):
@@ -62,10 +66,14 @@ class CLIPBackbone(nn.Module):
     @classmethod
     def load(cls, path: str | Path = DEFAULT_CLIP, *, device: str | torch.device = "cpu",
              local_files_only: bool = True) -> CLIPBackbone:
-        """Load a CLIP checkpoint from a directory or a hub id (offline by default: the HF cache only)."""
+        """Load a CLIP checkpoint from a directory or a hub id (offline by default: the HF cache only).
+
+        Only safetensors weights are read; a local directory holding pickle weights alone is refused.
+        """
         source = str(path)
+        _require_safetensors(Path(source))
         try:
-            model = CLIPModel.from_pretrained(source, local_files_only=local_files_only)
+            model = CLIPModel.from_pretrained(source, local_files_only=local_files_only, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
         except OSError as error:
             raise MmelError(f"cannot load a CLIP checkpoint from {source!r}: {error}. Pass a local directory "
@@ -137,6 +145,18 @@ def create_random_clip(directory: Path, *, seed: int = 0, text_width: int = 32, 
     CLIPModel(config).save_pretrained(directory)
     CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
     return directory
+
+
+def _require_safetensors(directory: Path) -> None:
+    """Refuse a local checkpoint directory whose weights exist only as pickle files, naming them and the fix."""
+    if not directory.is_dir() or any((directory / name).is_file() for name in SAFETENSORS_FILES):
+        return
+    pickles = sorted(path.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for path in directory.glob(pattern))
+    if pickles:
+        raise MmelError(f"{directory / pickles[0]}: CLIP weights stored as pickle, which can run code when loaded; "
+                        "mmel reads model.safetensors only. Download the checkpoint's safetensors weights (the "
+                        "OpenAI CLIP repositories publish model.safetensors), or, if you trust this file, convert it "
+                        "once: CLIPModel.from_pretrained(dir, use_safetensors=False).save_pretrained(dir)")
 
 
 def _image_normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
