@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -21,8 +22,14 @@ from mmel.core.errors import DataError, PathEscapeError
 
 
 def resolve_in_root(root: Path, relative: str | os.PathLike[str], *, source: object = None) -> Path:
-    """`root / relative`, refusing absolute paths and `..` that leave `root` (symlinks resolved)."""
+    """`root / relative`, refusing absolute paths and `..` that leave `root` (symlinks resolved).
+
+    A path with a NUL character names no file at all (the OS refuses it): it is refused here too.
+    """
     root_resolved = Path(root).resolve()
+    if "\x00" in os.fspath(relative):
+        raise PathEscapeError(f"path {os.fspath(relative)!r} holds a NUL character, so it names no file under "
+                              f"the data root {root_resolved}", path=source)
     candidate = (root_resolved / relative).resolve()
     if candidate != root_resolved and root_resolved not in candidate.parents:
         raise PathEscapeError(f"path {str(relative)!r} escapes the data root {root_resolved}", path=source)
@@ -253,11 +260,7 @@ def read_json(path: Path) -> Any:
         line = data[:error.start].count(b"\n") + 1
         raise DataError(f"not UTF-8 text ({error.reason} at byte {error.start})", path=path,
                         record=f"line {line}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}",
-                        path=path) from None
+    return _parse_json(text, path, line=None)
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -272,14 +275,69 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             line = _decode_line(raw.removeprefix(_BOM) if line_number == 1 else raw, path, line_number)
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"malformed JSON: {error.msg}", path=path, record=f"line {line_number}") from None
+            record = _parse_json(line, path, line=line_number)
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object, got {type(record).__name__}",
                                 path=path, record=f"line {line_number}")
             yield line_number, record
+
+
+# A \\uD800-\\uDFFF escape that is not half of a high+low pair: json.loads turns it into a lone surrogate.
+_LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _parse_json(text: str, path: Path, line: int | None) -> Any:
+    """`json.loads(text)`, where `text` is line `line` of `path` (None: the whole file); refusals are DataErrors.
+
+    Besides syntax errors json.loads refuses integers of over 4,300 digits (ValueError) and deep
+    nesting (RecursionError), and it accepts lone surrogate escapes, which no writer can encode
+    again: all are named here with the file (and line) rather than failing somewhere later.
+    """
+    record = None if line is None else f"line {line}"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        place = "" if line is not None else f" at line {error.lineno}, column {error.colno}"
+        raise DataError(f"malformed JSON{place}: {error.msg}", path=path, record=record) from None
+    except ValueError:   # the only other ValueError of json.loads: an integer too long to convert
+        raise DataError("an integer of too many digits to convert", path=path, record=record) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply", path=path, record=record) from None
+    lone = _LONE_SURROGATE.search(text)
+    if lone is not None and not _valid_unicode(value):
+        place = "" if line is not None else f" at line {text.count(chr(10), 0, lone.start()) + 1}"
+        raise DataError(f"{lone.group()}{place} is half of a UTF-16 surrogate pair, not a character", path=path,
+                        record=record if line is not None else _record_with_lone_surrogate(value))
+    return value
+
+
+def _record_with_lone_surrogate(value: Any) -> str | None:
+    """The top-level entry of a whole JSON file holding the bad text: `#index` in a list, the key in an object."""
+    if isinstance(value, list):
+        return next(f"#{index}" for index, item in enumerate(value) if not _valid_unicode(item))
+    if isinstance(value, dict):
+        key = next(key for key, item in value.items() if not (_valid_unicode(key) and _valid_unicode(item)))
+        return key.encode("utf-8", "backslashreplace").decode("utf-8")
+    return None
+
+
+def _valid_unicode(value: Any) -> bool:
+    """Whether every string (key or value) in the parsed JSON `value` encodes as UTF-8; iterative: nesting is deep."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _decode_line(raw: bytes, path: Path, line_number: int) -> str:

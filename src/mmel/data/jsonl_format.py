@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -80,7 +81,7 @@ def write_dataset(dataset: Dataset, out_dir: Path, *, source: str = "", image_su
         atomic_write_json(staging / DATASET_FILE, _info_to_record(info))
         write_jsonl(staging / KB_FILE, (_entity_to_record(entity, relocate) for entity in dataset.kb))
         for split, mentions in dataset.splits.items():
-            _check_split_name(split, DATASET_FILE)
+            check_split_name(split, DATASET_FILE)
             write_jsonl(staging / MENTIONS_DIR / f"{split}.jsonl",
                         (_mention_to_record(mention, relocate) for mention in mentions))
         for relative, text in (extra_files or {}).items():
@@ -131,7 +132,7 @@ def read_dataset_info(path: Path) -> DatasetInfo:
     for split in splits:
         if not isinstance(split, str):
             raise DataError(f"'splits' must be a list of strings, found {split!r}", path=info_path)
-        _check_split_name(split, info_path)
+        check_split_name(split, info_path)
     if len(set(splits)) != len(splits):
         raise DataError(f"'splits' lists a split twice: {splits}", path=info_path)
     return DatasetInfo(record["name"], record["format_version"], tuple(splits), record.get("source", ""))
@@ -265,9 +266,12 @@ def _check_image_path(image: str, root: Path, path: Path, line: int) -> None:
         raise PathEscapeError(str(error), path=path, record=f"line {line}") from None
 
 
-def _check_split_name(split: str, source: object) -> None:
-    if not split or "/" in split or "\\" in split or split.startswith("."):
-        raise DataError(f"split name {split!r} must be a plain file name (no '/', no leading '.')", path=source)
+def check_split_name(split: str, source: object, record: object = None) -> None:
+    """A split name becomes the file name `mentions/<split>.jsonl`: refuse anything but a plain name."""
+    if (not split or "/" in split or "\\" in split or split.startswith(".")
+            or any(unicodedata.category(char) == "Cc" for char in split)):
+        raise DataError(f"split name {split!r} must be a plain file name (no '/', no leading '.', no control "
+                        "characters)", path=source, record=record)
 
 
 def _check_no_unlisted_splits(path: Path, split_names: list[str]) -> None:
@@ -289,7 +293,7 @@ def check_output_directory(out_dir: Path, marker_names: tuple[str, ...]) -> None
 def _image_relocation(image_subdir: str | None) -> Relocate:
     if image_subdir is None:
         return lambda relative: relative
-    _check_split_name(image_subdir, "image_subdir")
+    check_split_name(image_subdir, "image_subdir")
     return lambda relative: f"{image_subdir}/{relative}"
 
 
@@ -344,6 +348,7 @@ __all__ = [
     "MENTIONS_DIR",
     "DatasetInfo",
     "check_output_directory",
+    "check_split_name",
     "read_dataset",
     "read_dataset_info",
     "read_kb_jsonl",

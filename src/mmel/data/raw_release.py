@@ -22,7 +22,7 @@ from typing import Any
 from mmel.core.errors import DataError
 from mmel.core.paths import read_json
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention, locate_span
-from mmel.data.jsonl_format import read_dataset, span_matches, write_dataset
+from mmel.data.jsonl_format import check_split_name, read_dataset, span_matches, write_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ def _build_kb(folder: Path, report: PreparationReport, description_file: str | N
     entities = []
     named_from_records: list[str] = []
     for qid, attribute_text in attributes.items():
+        if not qid.strip():
+            raise DataError("an empty QID: every entity needs one", path=folder / "qid2abs.json", record=repr(qid))
         name = names.get(qid)
         if name is None and qid in fallback_names:
             name = fallback_names[qid]
@@ -233,8 +235,9 @@ def _read_wikimel_splits(path: Path, samples: dict[str, Any], report: Preparatio
     assigned: dict[str, str] = {}
     split_ids: dict[str, list[str]] = {}
     for split in ordered:
+        check_split_name(split, path, record=split)
         if not isinstance(raw_splits[split], list):
-            raise DataError(f"split {split!r} must be a list of sample ids", path=path)
+            raise DataError(f"must be a list of sample ids, got {raw_splits[split]!r:.60}", path=path, record=split)
         split_ids[split] = []
         for raw_id in raw_splits[split]:
             sample_id = str(raw_id)

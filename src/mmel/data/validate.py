@@ -26,6 +26,7 @@ from mmel.core.types import Dataset, Mention, locate_span
 _EXAMPLES_PER_KIND = 5
 _ESCAPES = "escapes the data root"
 ENRICHMENT_FILE = "enrichment.json"  # provenance written by `mmel enrich` beside the data
+_STEP_COUNTS = {"answered": "answered", "cached": "from cache", "failed": "failed"}  # key -> label in the report
 
 
 @dataclass
@@ -190,23 +191,56 @@ def _check_image_file(path: Path, relative: str, image_report: ImageReport) -> N
         image_report.add_problem("not a regular file", relative)
 
 
+def read_enrichment(root: Path) -> dict[str, Any]:
+    """The `enrichment.json` beside the dataset at `root`, checked ({} when there is none).
+
+    It is read back by `mmel enrich` (to add a step) and by validation (to report the steps): the
+    fields they use are checked here, each bad step named by its position.
+    """
+    path = Path(root) / ENRICHMENT_FILE
+    if not path.is_file():
+        return {}
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("steps"), list):
+        raise DataError("expected an object with a 'steps' list", path=path)
+    for key in ("source_dataset", "source_note"):
+        if not isinstance(record.get(key, ""), str):
+            raise DataError(f"{key!r} must be a string, got {record[key]!r:.60}", path=path)
+    for index, step in enumerate(record["steps"]):
+        _check_step(step, path, f"step #{index}")
+    return record
+
+
+def _check_step(step: Any, path: Path, where: str) -> None:
+    if not isinstance(step, dict):
+        raise DataError(f"expected an object, got {type(step).__name__}", path=path, record=where)
+    for key in ("step", "model"):
+        if not isinstance(step.get(key), str):
+            raise DataError(f"{key!r} must be a string, got {step.get(key)!r:.60}", path=path, record=where)
+    if not isinstance(step.get("date", ""), str):
+        raise DataError(f"'date' must be a string, got {step['date']!r:.60}", path=path, record=where)
+    counts = step.get("counts", {})
+    if not isinstance(counts, dict) or not all(_is_count(counts.get(key, 0)) for key in _STEP_COUNTS):
+        raise DataError(f"'counts' must map {', '.join(_STEP_COUNTS)} to integers, got {counts!r:.60}",
+                        path=path, record=where)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _enrichment_steps(dataset: Dataset) -> list[str]:
     """One line per step of the dataset's `enrichment.json`; an unreadable file is reported, not raised."""
-    path = dataset.root / ENRICHMENT_FILE
-    if not path.is_file():
-        return []
     try:
-        steps = read_json(path)["steps"]
-        return [f"{step['step']} by {step['model']} on {step.get('date', '?')}: {_step_counts(step)}"
-                for step in steps]
-    except (DataError, KeyError, TypeError) as error:
+        steps = read_enrichment(dataset.root).get("steps", [])
+    except DataError as error:
         return [f"unreadable: {error}"]
+    return [f"{step['step']} by {step['model']} on {step.get('date', '?')}: {_step_counts(step)}" for step in steps]
 
 
 def _step_counts(step: dict[str, Any]) -> str:
     counts = step.get("counts", {})
-    return (f"{counts.get('answered', 0):,} answered, {counts.get('cached', 0):,} from cache, "
-            f"{counts.get('failed', 0):,} failed")
+    return ", ".join(f"{counts.get(key, 0):,} {label}" for key, label in _STEP_COUNTS.items())
 
 
 def _shorten(text: str, limit: int = 60) -> str:
@@ -217,4 +251,4 @@ def _image_report_dict(report: ImageReport) -> dict[str, Any]:
     return {"usable": report.loaded, "problems": dict(report.problems), "examples": report.examples}
 
 
-__all__ = ["ENRICHMENT_FILE", "ValidationReport", "validate_dataset"]
+__all__ = ["ENRICHMENT_FILE", "ValidationReport", "read_enrichment", "validate_dataset"]

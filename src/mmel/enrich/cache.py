@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS answers (
     PRIMARY KEY (kind, key)
 )
 """
+_COLUMNS = {"kind", "key", "answer", "provenance", "created"}
 
 
 def default_cache_path() -> Path:
@@ -160,9 +161,14 @@ def _connect(path: Path) -> sqlite3.Connection:
         connection.execute("PRAGMA journal_mode=DELETE")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute(_SCHEMA)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(answers)")}
     except sqlite3.DatabaseError as error:
         raise DataError(f"not a usable enrichment cache ({error}); delete it or pass another --cache",
                         path=path) from None
+    if columns != _COLUMNS:   # an SQLite file of another program that happens to have an `answers` table
+        connection.close()
+        raise DataError(f"not an enrichment cache (its 'answers' table has columns {', '.join(sorted(columns))}); "
+                        "delete it or pass another --cache", path=path)
     return connection
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from mmel.core.errors import DataError
-from mmel.core.paths import read_json
 from mmel.core.types import Dataset
 from mmel.data.jsonl_format import DATASET_FILE, read_dataset_info, write_dataset
-from mmel.data.validate import ENRICHMENT_FILE
+from mmel.data.validate import ENRICHMENT_FILE, read_enrichment
 
 
 def check_distinct_output(source: Path, out: Path) -> None:
@@ -48,13 +47,7 @@ def write_enriched(dataset: Dataset, source: Path, out: Path, *, name: str, step
 
 def previous_provenance(source: Path) -> dict[str, Any]:
     """The provenance of the source dataset when it is itself an enriched one, else {}."""
-    path = Path(source) / ENRICHMENT_FILE
-    if not path.is_file():
-        return {}
-    record = read_json(path)
-    if not isinstance(record, dict) or not isinstance(record.get("steps"), list):
-        raise DataError("expected an object with a 'steps' list", path=path)
-    return record
+    return read_enrichment(Path(source))
 
 
 def public_url(url: str) -> str:
