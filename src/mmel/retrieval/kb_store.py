@@ -12,6 +12,10 @@ The database runs in WAL mode, so other processes can read while this one writes
 
 `kb_checksum` hashes entity content in row order; the index manifest records it so that an
 index refuses to be paired with a different KB.
+
+The store also records the revision of the last index edit it took part in (`revision()`), written
+in the same transaction as the edit's rows, so a journaled edit that was interrupted can tell
+whether this part of it already happened (`mmel.retrieval.kb_edits`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ _LOOKUP_CHUNK = 500         # QIDs per `IN (...)` query, below every SQLite vari
 _PAGE_SIZE = 2_000          # rows per page while iterating
 _COLUMNS = "qid, name, attributes, description, images, extra"
 _INSERT = f"INSERT INTO entities (row, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_REVISION_KEY = "edit_revision"
 _SCHEMA = """
 CREATE TABLE entities (
     qid TEXT PRIMARY KEY,
@@ -179,9 +184,18 @@ class EntityStore:
         """`kb_checksum` of the stored entities in row order."""
         return kb_checksum(self)
 
+    def revision(self) -> int | None:
+        """The index revision of the last upsert or delete given one (None: none since the store was created)."""
+        with self._lock:
+            found = self._connection.execute("SELECT value FROM meta WHERE key = ?", (_REVISION_KEY,)).fetchone()
+        return None if found is None else int(found[0])
+
     # --- writing ----------------------------------------------------------------------------
-    def upsert(self, entities: Iterable[Entity]) -> UpsertReport:
-        """Insert new entities after the last row and replace existing ones in place, in one transaction."""
+    def upsert(self, entities: Iterable[Entity], *, revision: int | None = None) -> UpsertReport:
+        """Insert new entities after the last row and replace existing ones in place, in one transaction.
+
+        `revision`, if given, is recorded in the same transaction (see `revision()`).
+        """
         entities = list(entities)
         _check_unique([entity.qid for entity in entities], source=self.path)
         encoded = [_encode_entity(entity, self.path) for entity in entities]
@@ -199,10 +213,14 @@ class EntityStore:
                 self._connection.execute(_INSERT, (next_row, *values))
                 added.append(values[0])
                 next_row += 1
+            self._record_revision(revision)
         return UpsertReport(added=tuple(added), updated=tuple(updated))
 
-    def delete(self, qids: Iterable[str]) -> int:
-        """Delete entities in one transaction; unknown QIDs raise KeyError and nothing is deleted."""
+    def delete(self, qids: Iterable[str], *, revision: int | None = None) -> int:
+        """Delete entities in one transaction; unknown QIDs raise KeyError and nothing is deleted.
+
+        `revision`, if given, is recorded in the same transaction (see `revision()`).
+        """
         qids = list(dict.fromkeys(qids))
         with self._lock, self._connection:
             deleted = 0
@@ -213,7 +231,14 @@ class EntityStore:
             if deleted != len(qids):  # raising inside `with connection` rolls the transaction back
                 raise NotFoundError(f"{len(qids) - deleted} of {len(qids)} QID(s) are not in {self.path}; "
                                     "nothing deleted")
+            self._record_revision(revision)
         return deleted
+
+    def _record_revision(self, revision: int | None) -> None:
+        """Inside a write transaction: remember the index revision it belongs to."""
+        if revision is not None:
+            self._connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                     (_REVISION_KEY, str(revision)))
 
 
 def kb_checksum(entities: Iterable[Entity]) -> str:

@@ -56,7 +56,7 @@ from mmel.retrieval.index_build import (
     read_manifest,
     weights_fingerprint,
 )
-from mmel.retrieval.kb_edits import KBEdits
+from mmel.retrieval.kb_edits import KBEdits, recover_interrupted_edit
 from mmel.retrieval.kb_store import EntityStore
 from mmel.retrieval.nil import NilCalibration, calibrate_nil, choose_simulated_nil, nil_statistic
 from mmel.retrieval.queries import (
@@ -133,6 +133,7 @@ class Linker(KBEdits):
         Pass an already loaded `backbone` to share one between linkers; it must be the index's backbone.
         """
         directory = Path(index_dir)
+        recovered = recover_interrupted_edit(directory)
         manifest = read_manifest(directory)
         indexed = manifest["model"]["fingerprint"]
         if expect_model is not None:
@@ -158,7 +159,7 @@ class Linker(KBEdits):
         nil = NilCalibration.load(directory / NIL_FILE) if (directory / NIL_FILE).is_file() else None
         linker = cls(directory, manifest, model=model, backbone=backbone, spec=spec, vectors=vectors, store=store,
                      cache=cache, bm25=bm25, nil=nil)
-        linker._warn_if_interrupted()
+        linker._note_recovery(recovered)
         return linker
 
     def close(self) -> None:
