@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmel.core.errors import DataError, MismatchError
-from mmel.core.npy import NpyWriter, open_npy_random_access
+from mmel.core.npy import NpyRowWriter, create_npy, open_npy_random_access
 from mmel.models.base import RowCache, cache_field
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
 
@@ -124,17 +124,18 @@ def test_int8_storage_round_trips_within_its_quantization_step_and_compacts(tmp_
     torch.testing.assert_close(reopened.gather(qids[10:]).tokens, gathered.tokens.flip(0)[10:])
 
 
-def test_written_arrays_are_plain_npy_and_read_back_randomly(tmp_path):
+def test_rows_written_at_offsets_make_a_plain_npy_read_back_randomly(tmp_path):
     rows = np.arange(24, dtype=np.float16).reshape(6, 2, 2)
-    with NpyWriter(tmp_path / "a.npy", rows.shape, rows.dtype) as writer:
-        writer.append(rows[:4])
-        writer.append(rows[4:])
+    create_npy(tmp_path / "a.npy", rows.shape, rows.dtype)
+    with NpyRowWriter(tmp_path / "a.npy") as writer:
+        writer.write(4, rows[4:])        # any order: disjoint rows may come from different workers
+        writer.write(0, rows[:4])
+        with pytest.raises(ValueError, match="do not fit at row 5"):
+            writer.write(5, rows[:2])
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), rows)
     mapped = open_npy_random_access(tmp_path / "a.npy")
     np.testing.assert_array_equal(mapped[[5, 0]], rows[[5, 0]])
     assert not mapped.flags.writeable
-    with pytest.raises(ValueError, match="3 rows written, 6 declared"), NpyWriter(tmp_path / "b.npy", (6,), "f4") as w:
-        w.append(np.zeros(3))
     (tmp_path / "c.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-8])
     with pytest.raises(DataError, match="truncated"):
         open_npy_random_access(tmp_path / "c.npy")

@@ -43,6 +43,14 @@ class ImageReport:
         if len(self.examples[reason]) < 5:
             self.examples[reason].append(where)
 
+    def merge(self, other: ImageReport) -> None:
+        """Add another report's counts (and examples, up to five per reason) to this one."""
+        self.loaded += other.loaded
+        for reason, count in other.problems.items():
+            self.problems[reason] += count
+            examples = self.examples.setdefault(reason, [])
+            examples.extend(other.examples.get(reason, [])[:max(0, 5 - len(examples))])
+
     @property
     def failed(self) -> int:
         return sum(self.problems.values())

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import re
 import shutil
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from mmel.core.errors import DataError, MismatchError, NotFoundError, UsageError
-from mmel.core.npy import NpyWriter, open_npy_random_access
+from mmel.core.npy import NpyRowWriter, create_npy, open_npy_random_access
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.models.base import MelModel
 
@@ -79,6 +79,48 @@ class CompactionReport:
     segments_before: int
     rows_after: int        # = live entities
     segments_after: int
+
+
+@dataclass(frozen=True)
+class SegmentFiles:
+    """The .npy files of one segment being written: sized once, then filled by row offset.
+
+    Plain data (a directory, the layout, the storage dtype), so a worker process can be handed it and
+    write its rows itself (`mmel index build --engine ray`).
+    """
+
+    directory: Path
+    layout: CacheLayout
+    storage_dtype: str
+
+    def allocate(self, num_rows: int) -> None:
+        """Create every field's file (and int8 scale file) for `num_rows` rows."""
+        for name, (shape, kind) in self.layout.fields.items():
+            for suffix, file_shape, dtype in self._files(name, (num_rows, *shape), kind):
+                create_npy(self.directory / f"{name}{suffix}.npy", file_shape, dtype)
+
+    def write(self, start: int, cache: Any) -> None:
+        """Write the rows of one model cache at rows [start, start + len(cache)) (int8: quantized here)."""
+        for name, (shape, kind) in self.layout.fields.items():
+            values = _checked_rows(cache, name, shape)
+            parts = quantize_int8(values) if quantizes(self.storage_dtype, kind, shape) else (values,)
+            for suffix_values, (suffix, _, _) in zip(parts, self._files(name, (len(values), *shape), kind),
+                                                     strict=True):
+                with NpyRowWriter(self.directory / f"{name}{suffix}.npy") as writer:
+                    writer.write(start, suffix_values)
+
+    def _files(self, name: str, shape: tuple[int, ...], kind: str) -> list[tuple[str, tuple[int, ...], Any]]:
+        """(file suffix, shape, dtype) of each file that stores field `name`."""
+        if kind == "bool":
+            return [("", shape, np.bool_)]
+        if quantizes(self.storage_dtype, kind, shape[1:]):
+            return [("", shape, np.int8), (SCALE_SUFFIX, shape[:-1], np.float32)]
+        return [("", shape, np.float32 if self.storage_dtype == "int8" else self.storage_dtype)]
+
+
+def quantizes(storage_dtype: str, kind: str, trailing_shape: tuple[int, ...]) -> bool:
+    """int8 storage quantizes float fields made of vectors; a scalar per entity stays float32."""
+    return storage_dtype == "int8" and kind == "float" and len(trailing_shape) >= 1
 
 
 class EntityCacheStore:
@@ -166,8 +208,27 @@ class EntityCacheStore:
 
         `metadata` (JSON) is kept with the segment, e.g. the directory its entities' image paths start from.
         """
+        with self.new_segment(qids, metadata=metadata) as files:
+            start = 0
+            for cache in caches:
+                files.write(start, cache)
+                start += len(cache)
+            if start != len(qids):
+                raise UsageError(f"{len(qids)} QIDs but {start} cached rows")
+
+    @contextlib.contextmanager
+    def new_segment(self, qids: Sequence[str], *, metadata: dict[str, Any] | None = None) -> Iterator[SegmentFiles]:
+        """A new segment's files, sized for `qids`, to fill by row offset (from this or other processes).
+
+        The segment becomes visible when the block ends without an error; the caller must have
+        written every row by then.
+        """
         name = self._next_segment_name()
-        self._write_segment_files(name, qids, caches)
+        with atomic_directory(self.directory / name) as tmp:
+            files = SegmentFiles(tmp, self.layout, self.storage_dtype)
+            files.allocate(len(qids))
+            yield files
+            atomic_write_json(tmp / QIDS_FILE, list(qids), indent=None)
         self._map_segment({"name": name, "metadata": dict(metadata or {})})
         self._save_listing()
 
@@ -182,8 +243,12 @@ class EntityCacheStore:
         new_infos = []
         for metadata, qids in groups.items():
             name = self._next_segment_name()
-            chunks = (self.gather(qids[start:start + chunk_rows]) for start in range(0, len(qids), chunk_rows))
-            self._write_segment_files(name, qids, chunks)
+            with atomic_directory(self.directory / name) as tmp:
+                files = SegmentFiles(tmp, self.layout, self.storage_dtype)
+                files.allocate(len(qids))
+                for start in range(0, len(qids), chunk_rows):
+                    files.write(start, self.gather(qids[start:start + chunk_rows]))
+                atomic_write_json(tmp / QIDS_FILE, list(qids), indent=None)
             new_infos.append({"name": name, "metadata": json.loads(metadata)})
         self._segments, self._segment_info, self._location = [], [], {}
         for info in new_infos:
@@ -192,45 +257,6 @@ class EntityCacheStore:
         for name in old_names:
             shutil.rmtree(self.directory / name, ignore_errors=True)
         return dataclasses.replace(before, rows_after=self.stored_rows(), segments_after=self.num_segments)
-
-    def _write_segment_files(self, name: str, qids: Sequence[str], caches: Iterable[Any]) -> None:
-        """Stream the rows of `caches` into the segment's .npy files (appended, never mapped: see core/npy.py)."""
-        with atomic_directory(self.directory / name) as tmp:
-            with contextlib.ExitStack() as open_files:
-                writers = {field_name: self._field_writers(open_files, tmp, field_name, (len(qids), *shape), kind)
-                           for field_name, (shape, kind) in self.layout.fields.items()}
-                start = 0
-                for cache in caches:
-                    if start + len(cache) > len(qids):
-                        raise UsageError(f"more cached rows than the {len(qids)} QIDs")
-                    for field_name, (writer, scale_writer) in writers.items():
-                        values = _checked_rows(cache, field_name, writer.shape[1:])
-                        if scale_writer is None:
-                            writer.append(values)
-                        else:
-                            quantized, scales = quantize_int8(values)
-                            writer.append(quantized)
-                            scale_writer.append(scales)
-                    start += len(cache)
-                if start != len(qids):
-                    raise UsageError(f"{len(qids)} QIDs but {start} cached rows")
-            atomic_write_json(tmp / QIDS_FILE, list(qids), indent=None)
-
-    def _field_writers(self, open_files: contextlib.ExitStack, directory: Path, field_name: str,
-                       shape: tuple[int, ...], kind: str) -> tuple[NpyWriter, NpyWriter | None]:
-        """The writer of a field's values and, for int8 storage of a float field, of its scales."""
-        def writer(suffix: str, writer_shape: tuple[int, ...], dtype: Any) -> NpyWriter:
-            return open_files.enter_context(NpyWriter(directory / f"{field_name}{suffix}.npy", writer_shape, dtype))
-
-        if kind == "bool":
-            return writer("", shape, np.bool_), None
-        if not self._quantizes(shape[1:]):
-            return writer("", shape, np.float32 if self.storage_dtype == "int8" else self.storage_dtype), None
-        return writer("", shape, np.int8), writer(SCALE_SUFFIX, shape[:-1], np.float32)
-
-    def _quantizes(self, trailing_shape: tuple[int, ...]) -> bool:
-        """int8 storage quantizes float fields made of vectors; a scalar per entity stays float32."""
-        return self.storage_dtype == "int8" and len(trailing_shape) >= 1
 
     def _next_segment_name(self) -> str:
         """One past the highest segment number listed or on disk (so a leftover of a crash is never reused)."""
@@ -260,7 +286,7 @@ class EntityCacheStore:
         arrays = {}
         for field_name, (shape, kind) in self.layout.fields.items():
             arrays[field_name] = _mapped(path / f"{field_name}.npy", (len(qids), *shape))
-            if kind == "float" and self._quantizes(shape):
+            if quantizes(self.storage_dtype, kind, shape):
                 arrays[field_name + SCALE_SUFFIX] = _mapped(path / f"{field_name}{SCALE_SUFFIX}.npy",
                                                             (len(qids), *shape[:-1]))
         segment = len(self._segments)
@@ -308,4 +334,4 @@ def _mapped(file: Path, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-__all__ = ["STORAGE_DTYPES", "CacheLayout", "CompactionReport", "EntityCacheStore"]
+__all__ = ["STORAGE_DTYPES", "CacheLayout", "CompactionReport", "EntityCacheStore", "SegmentFiles"]

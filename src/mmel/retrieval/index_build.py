@@ -23,35 +23,42 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mmel.backbones import load_backbone
 from mmel.backbones.base import Backbone
 from mmel.core.checkpoint import WEIGHTS_FILE, read_checkpoint_header
 from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.crashpoints import crash_point
+from mmel.core.engine import Engine
 from mmel.core.errors import DataError, MismatchError, UsageError
-from mmel.core.features import FeatureBatch, FeatureTable, FeatureViews
-from mmel.core.images import ImageReport, load_image
+from mmel.core.features import FeatureTable, FeatureViews
+from mmel.core.images import ImageReport
 from mmel.core.manifest import read_manifest as read_versioned_manifest
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json, sha256_file
-from mmel.core.types import Dataset, Entity, KnowledgeBase
-from mmel.features.encoding import encode_items
+from mmel.core.types import Dataset
 from mmel.features.store import build_features
-from mmel.features.templates import TextTemplate, extra_view_texts, get_template, template_for_views
+from mmel.features.templates import TextTemplate, get_template, template_for_views
 from mmel.lexical.bm25 import BM25Index
 from mmel.models import MODELS, load_model
-from mmel.models.base import MelModel
 from mmel.retrieval import FIRST_STAGES
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
+from mmel.retrieval.entity_encoding import (
+    EncodedFeatures,
+    EntityShardEncoder,
+    FeatureSource,
+    StoredFeatures,
+    TableFeatures,
+    encode_cache_and_vectors,
+    encode_entity_batches,
+    encode_entity_side,
+)
 from mmel.retrieval.index import INDEX_KINDS, IndexConfig, VectorIndex, read_index_manifest
 from mmel.retrieval.index_tuning import describe_tuning
 from mmel.retrieval.kb_store import EntityStore, kb_checksum
@@ -206,11 +213,14 @@ def load_checked_backbone(spec: ModelSpec, backbone: Backbone | None = None) -> 
 
 def build_index(dataset: Dataset, checkpoint_dir: Path, out_dir: Path, *, config: IndexBuildConfig | None = None,
                 features_store: Path | None = None, entity_features: FeatureTable | None = None,
-                backbone: Backbone | None = None, progress: bool = True) -> IndexBuildReport:
+                backbone: Backbone | None = None, progress: bool = True,
+                engine: Engine | None = None) -> IndexBuildReport:
     """Build the index of `dataset.kb` for the model in `checkpoint_dir` at `out_dir` (atomically).
 
     `entity_features` gives the KB's features in KB row order instead of the store or the backbone;
     the backbone is then not loaded, so nothing checks that they come from the model's backbone.
+    `engine` runs the entity-side encoding (default: in this process; `mmel.scale` for Ray), shard
+    by shard (`retrieval/entity_encoding.py`); FAISS training and adding run here, exactly as without it.
     """
     started = time.perf_counter()
     config = config or IndexBuildConfig()
@@ -222,20 +232,21 @@ def build_index(dataset: Dataset, checkpoint_dir: Path, out_dir: Path, *, config
         model = load_model(checkpoint_dir)
         backbone = load_checked_backbone(spec, backbone) if entity_features is None else None
     storage_dtype = config.storage_dtype(len(kb))
-    report = ImageReport()
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp, torch.inference_mode():
         with _stage(stages, "entity_cache"):
+            source: FeatureSource
             if entity_features is not None:
-                batches = _table_batches(entity_features, config.encode_batch_size)
+                source = TableFeatures(entity_features, config.encode_batch_size)
             elif features_store is not None:
-                batches = _stored_feature_batches(dataset, backbone, spec, features_store, config, progress)
+                source = _stored_features(dataset, backbone, spec, features_store, config, progress)
             else:
-                batches = encode_entity_batches(backbone, list(kb), dataset.root, spec, config.encode_batch_size,
-                                                report)
+                source = EncodedFeatures(list(kb), Path(dataset.root), spec, config.encode_batch_size, backbone)
             layout = CacheLayout.for_model(model, spec.max_text_length, spec.image_tokens)
-            vectors, with_image = _write_entity_cache(tmp / CACHE_DIR, layout, model, kb, batches, storage_dtype,
-                                                      Path(dataset.root).resolve(), progress, config.vectors)
+            store = EntityCacheStore.create(tmp / CACHE_DIR, layout, storage_dtype)
+            with store.new_segment(kb.qids, metadata={"images_root": str(Path(dataset.root).resolve())}) as segment:
+                encoder = EntityShardEncoder(Path(checkpoint_dir), source, segment, config.vectors, model)
+                vectors, with_image, report = encode_entity_side(encoder, len(kb), engine=engine, progress=progress)
         with _stage(stages, "vectors"):
             vectors_index = VectorIndex.build(vectors, kb.qids, config.vector_index_config(), progress=progress,
                                               metadata=_vector_metadata(spec))
@@ -256,39 +267,6 @@ def build_index(dataset: Dataset, checkpoint_dir: Path, out_dir: Path, *, config
                              recall_tuning=vectors_index.tuning)
     logger.info("%s", built.summary())
     return built
-
-
-def encode_entity_batches(backbone: Backbone, entities: Sequence[Entity], images_root: Path, spec: ModelSpec,
-                          batch_size: int, report: ImageReport) -> Iterator[FeatureBatch]:
-    """Features of `entities` (first image each, as at evaluation), `batch_size` at a time, on the fly."""
-    for start in range(0, len(entities), batch_size):
-        chunk = entities[start:start + batch_size]
-        texts = [spec.template.entity_text(entity) for entity in chunk]
-        images = [load_image(images_root, entity.images[0], report) if entity.images else None for entity in chunk]
-        yield encode_items(backbone, texts, images, max_text_length=spec.max_text_length, batch_size=batch_size,
-                           extra_texts=extra_view_texts(spec.views, "entity", chunk))
-
-
-def encode_cache_and_vectors(model: MelModel, batch: FeatureBatch,
-                             source: str = "backbone") -> tuple[Any, np.ndarray]:
-    """The model's entity cache and the first-stage vectors of one feature batch.
-
-    `source` 'backbone': the unit-length global text vectors [B, Dt]; 'model': the model's own
-    retrieval vectors [B, D] (`MelModel.retrieval_vectors`).
-    """
-    cache = model.encode_entities(batch)
-    if source == "model":
-        return cache, model_retrieval_vectors(model, cache)
-    return cache, torch.nn.functional.normalize(batch.text_global.float(), dim=-1).cpu().numpy()   # [B, Dt]
-
-
-def model_retrieval_vectors(model: MelModel, cache: Any) -> np.ndarray:
-    """[N, D] float32 retrieval vectors of an entity cache; a clear error for a model that has none."""
-    vectors = model.retrieval_vectors(cache)
-    if vectors is None:
-        raise UsageError(f"{type(model).__name__} scores pairs with more than one inner product, so an index cannot "
-                         "search its scores with FAISS; build it with vectors 'backbone' (the default)")
-    return vectors.float().cpu().numpy()
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
@@ -349,44 +327,16 @@ def _stage(stages: dict[str, float], name: str) -> Iterator[None]:
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
 
 
-def _table_batches(table: FeatureTable, batch_size: int) -> Iterator[FeatureBatch]:
-    """The rows of `table` in order, `batch_size` at a time."""
-    for start in range(0, len(table), batch_size):
-        yield table.gather(np.arange(start, min(start + batch_size, len(table))))
-
-
-def _stored_feature_batches(dataset: Dataset, backbone: Backbone, spec: ModelSpec, store_dir: Path,
-                            config: IndexBuildConfig, progress: bool) -> Iterator[FeatureBatch]:
-    """Entity features from the feature store (encoding only what it lacks), in KB order."""
+def _stored_features(dataset: Dataset, backbone: Backbone, spec: ModelSpec, store_dir: Path,
+                     config: IndexBuildConfig, progress: bool) -> StoredFeatures:
+    """The store's entity features for the model (encoding only what the store lacks first), in KB order."""
     features = build_features(dataset, backbone, store_dir, template=spec.template.name,
                               entity_field=spec.template.entity_field, max_text_length=spec.max_text_length,
                               splits=[], progress=progress, extra_views=spec.views.entity_extra)
     if features.template != spec.template:
         raise MismatchError(f"{features.view_dir}: template {features.template} differs from the model's "
                             f"{spec.template}")
-    yield from _table_batches(features.entities, config.encode_batch_size)
-
-
-def _write_entity_cache(directory: Path, layout: CacheLayout, model: MelModel, kb: KnowledgeBase,
-                        batches: Iterator[FeatureBatch], storage_dtype: str, images_root: Path,
-                        progress: bool, source: str) -> tuple[np.ndarray, int]:
-    """Encode every entity's cache into one segment, streamed to disk; return the vectors [N, Dt] and image count."""
-    vectors: list[np.ndarray] = []
-    with_image = 0
-
-    def caches() -> Iterator[Any]:
-        nonlocal with_image
-        with tqdm(total=len(kb), desc="encoding entities", unit="entity", disable=not progress) as bar:
-            for batch in batches:
-                cache, batch_vectors = encode_cache_and_vectors(model, batch, source)
-                vectors.append(batch_vectors)
-                with_image += int(batch.has_image.sum())
-                bar.update(len(batch))
-                yield cache
-
-    store = EntityCacheStore.create(directory, layout, storage_dtype)
-    store.write_segment(kb.qids, caches(), metadata={"images_root": str(images_root)})
-    return np.concatenate(vectors), with_image
+    return StoredFeatures(Path(store_dir), dataset.name, features.view_id, config.encode_batch_size)
 
 
 def _vector_metadata(spec: ModelSpec) -> dict[str, Any]:
