@@ -198,11 +198,17 @@ class MelModel(nn.Module):
                                         for name in rows[0].unit_scores})
 
     def forward(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor | None = None,
-                entity_ids: torch.Tensor | None = None) -> MatchOutput:
+                entity_ids: torch.Tensor | None = None, rows: slice | None = None) -> MatchOutput:
         """Scores, plus the training loss when `labels` [B] (gold column per row) are given.
 
         `entity_ids` [N] names the entity of each column (e.g. its KB row), so a model can tell
         a duplicate of a row's gold entity from a true negative.
+
+        `rows` is for data-parallel training, where each process owns a share of the batch: the
+        inputs and labels still describe the whole batch (so in-batch negatives and the means' row
+        counts are the batch's), but only the mentions `rows` are scored, [b, N], and the loss is
+        their share of the batch loss, such that the shares of all processes sum to it. A model
+        without this parameter trains on one device only.
         """
         raise NotImplementedError
 

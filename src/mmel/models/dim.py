@@ -234,37 +234,43 @@ class DIMModel(MelModel):
         return MatchOutput(scores=torch.einsum("bd,bkd->bk", mentions.unit_query, paired))
 
     def forward(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor | None = None,
-                entity_ids: torch.Tensor | None = None) -> MatchOutput:
+                entity_ids: torch.Tensor | None = None, rows: slice | None = None) -> MatchOutput:
         """Cosine scores [B, N]; with `labels` [B] (gold column per row), the N-pair loss of §4.4.
 
         The columns of `entities` that are no row's label are the sampled negatives (appended after
         the golds by the training data); `entity_ids` [N] names each column's entity so that a
-        negative equal to a row's gold entity is not used against that row.
+        negative equal to a row's gold entity is not used against that row. `rows` (data-parallel
+        training, see `MelModel.forward`) scores only those mentions, [b, N], and returns their
+        share of the batch loss.
         """
-        queries = self.query(mentions)                                  # [B, Dt]
-        entity_vectors = self.entity_features(entities)                 # [N, Dt]
+        queries = self.query(mentions if rows is None else mentions.select(rows))   # [B | b, Dt]
+        entity_vectors = self.entity_features(entities)                              # [N, Dt]
         output = MatchOutput(scores=F.normalize(queries, dim=-1) @ F.normalize(entity_vectors, dim=-1).T)
         if labels is not None:
-            npair, l2 = self.npair_loss(queries, entity_vectors, labels, entity_ids)
+            npair, l2 = self.npair_loss(queries, entity_vectors, labels, entity_ids, rows=rows)
             output.loss, output.unit_losses = npair + l2, {"npair": npair, "l2": l2}
         return output
 
     # --- loss (§4.4) ----------------------------------------------------------------------------
     def npair_loss(self, anchors: torch.Tensor, entity_vectors: torch.Tensor, labels: torch.Tensor,
-                   entity_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   entity_ids: torch.Tensor | None = None, rows: slice | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The N-pair term mean_i log(1 + Σ_j exp(a_i·n_j − a_i·p_i)) and the L2 term 0.02·Σ_i(‖a_i‖²+‖p_i‖²)/B.
 
         a = anchors [B, Dt], p_i = entity_vectors[labels[i]], n_j the negative columns of
         `negative_columns`: every anchor meets all sampled negatives of the batch, as the release's
-        broadcasting does. Dot products, no temperature.
+        broadcasting does. Dot products, no temperature. With `rows`, `anchors` [b, Dt] are those
+        rows' only, `labels` still cover the batch, and both terms are those rows' share.
         """
-        batch = anchors.shape[0]
+        batch = anchors.shape[0] if rows is None else len(labels)
+        rows = slice(None) if rows is None else rows
         labels = _check_labels(labels, batch, entity_vectors.shape[0]).to(entity_vectors.device)
-        positives = entity_vectors[labels]                                               # [B, Dt]
-        margins = anchors @ entity_vectors.T - (anchors * positives).sum(-1, keepdim=True)   # [B, N]: a·n − a·p
-        margins = margins.masked_fill(~negative_columns(labels, entity_vectors.shape[0], entity_ids), float("-inf"))
+        positives = entity_vectors[labels[rows]]                                         # [b, Dt]
+        margins = anchors @ entity_vectors.T - (anchors * positives).sum(-1, keepdim=True)   # [b, N]: a·n − a·p
+        negatives = negative_columns(labels, entity_vectors.shape[0], entity_ids)[rows]     # [b, N]
+        margins = margins.masked_fill(~negatives, float("-inf"))
         # log(1 + Σ exp(x)) = logsumexp([0, x]): stable, and 0 with a zero gradient when a row has no negative
-        npair = torch.logsumexp(torch.cat([margins.new_zeros(batch, 1), margins], dim=1), dim=1).mean()
+        npair = torch.logsumexp(torch.cat([margins.new_zeros(len(anchors), 1), margins], dim=1), dim=1).sum() / batch
         l2 = self.config.l2_weight * (anchors.pow(2).sum() + positives.pow(2).sum()) / batch
         return npair, l2
 

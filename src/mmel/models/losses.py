@@ -1,6 +1,10 @@
 """Loss pieces every model's training objective shares (infrastructure, not any paper's unit).
 
 Shapes: B rows (mentions), N columns (entities); `labels` [B] is each row's gold column.
+
+Data-parallel training splits a batch's rows over processes (`MelModel.forward(..., rows=)`): a
+process computes the terms of its rows only, and a mean over the batch becomes a sum over those
+rows divided by the batch's count (`total`), so that the processes' shares add up to the mean.
 """
 
 from __future__ import annotations
@@ -33,14 +37,21 @@ def usable_columns(labels: torch.Tensor, num_columns: int, entity_ids: torch.Ten
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, usable: torch.Tensor,
-                         rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean CE over `rows` (all rows if None) with unusable columns removed; 0 when no row is left."""
+                         rows: torch.Tensor | None = None, *, total: int | torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """Mean CE over `rows` ([B] bool; all rows if None) with unusable columns removed; 0 when no row is left.
+
+    With `total`, the CE summed over those rows and divided by `total` instead: the share of these
+    rows in a mean over `total` rows of which they are a part (see the module docstring).
+    """
     masked = logits.masked_fill(~usable, float("-inf"))
-    if rows is None:
-        return F.cross_entropy(masked, labels)
-    if not bool(rows.any()):
+    if rows is not None:
+        masked, labels = masked[rows], labels[rows]
+    if total is None:
+        total = len(labels)
+    if len(labels) == 0 or not bool(total):
         return logits.sum() * 0.0  # a zero that stays in the graph, so backward works on any batch
-    return F.cross_entropy(masked[rows], labels[rows])
+    return F.cross_entropy(masked, labels, reduction="sum") / total
 
 
 __all__ = ["masked_cross_entropy", "same_entity_columns", "usable_columns"]

@@ -29,7 +29,7 @@ from torch import nn
 from mmel.core.config import ConfigError
 from mmel.core.features import FeatureBatch, FeatureViews
 from mmel.models.base import MelModel, MelModelConfig, RowCache, cache_field, pair_dot
-from mmel.models.losses import masked_cross_entropy, same_entity_columns
+from mmel.models.losses import masked_cross_entropy, same_entity_columns, usable_columns
 from mmel.models.outputs import MatchOutput
 
 # Default bound on the attention logits materialised at once while scoring: 2**24 float32 values
@@ -363,29 +363,33 @@ class CrossModalMatchBidirection(nn.Module):
 
 def intra_modal_contrastive_loss(entity: torch.Tensor, mention: torch.Tensor, *, temperature: float,
                                  inter_weight: float, intra_weight: float,
-                                 same_entity: torch.Tensor | None = None) -> torch.Tensor:
+                                 same_entity: torch.Tensor | None = None,
+                                 anchors: torch.Tensor | None = None) -> torch.Tensor:
     """L_cl(E, M) of §3.7 for gold-aligned rows E [R, W] (row i is mention i's gold entity) and M [R, W].
 
     Row i's positive is column i of the cross (inter) block; the negatives are the other cross
     columns and the same-side (intra) similarities, whose diagonal is 0 (not -inf) as in the
     release. `same_entity` [R, R] marks rows sharing a gold entity: those off-diagonal columns are
-    left out of both blocks (`exclude_duplicate_negatives`).
+    left out of both blocks (`exclude_duplicate_negatives`). `anchors` [R] bool (data-parallel
+    training) computes only those rows' terms: their share of the mean over the R rows.
     """
     if entity.shape[0] == 0:
         return entity.sum() * 0.0  # a zero that stays in the graph
     entity, mention = F.normalize(entity, dim=-1), F.normalize(mention, dim=-1)
+    count = len(entity)
+    own = torch.arange(count, device=entity.device) if anchors is None else anchors.nonzero().squeeze(1)   # [a]
+    not_self = torch.arange(count, device=entity.device)[None, :] != own[:, None]                       # [a, R]
     excluded = None
     if same_entity is not None:
-        excluded = same_entity & ~torch.eye(len(entity), dtype=torch.bool, device=entity.device)   # [R, R]
+        excluded = same_entity[own] & not_self                                                          # [a, R]
 
     def one_side(anchor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        not_self = 1 - torch.eye(len(anchor), dtype=anchor.dtype, device=anchor.device)
-        inter = anchor @ other.T / temperature                                  # [R, R]
-        intra = (anchor @ anchor.T / temperature) * not_self                    # [R, R], diagonal 0
-        logits = torch.cat([inter_weight * inter, intra_weight * intra], dim=1)  # [R, 2R]
+        inter = anchor[own] @ other.T / temperature                                      # [a, R]
+        intra = (anchor[own] @ anchor.T / temperature) * not_self.to(anchor.dtype)       # [a, R], own column 0
+        logits = torch.cat([inter_weight * inter, intra_weight * intra], dim=1)          # [a, 2R]
         if excluded is not None:
             logits = logits.masked_fill(torch.cat([excluded, excluded], dim=1), float("-inf"))
-        return F.cross_entropy(logits, torch.arange(len(anchor), device=anchor.device))
+        return F.cross_entropy(logits, own, reduction="sum") / count
 
     return (one_side(entity, mention) + one_side(mention, entity)) / 2
 
@@ -541,66 +545,79 @@ class M3ELModel(MelModel):
         return MatchOutput(scores=scores, unit_scores=units)
 
     def forward(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor | None = None,
-                entity_ids: torch.Tensor | None = None) -> MatchOutput:
+                entity_ids: torch.Tensor | None = None, rows: slice | None = None) -> MatchOutput:
         """Ranking scores of B mentions against N entities; with `labels` [B] the training scores and loss.
 
         Training (labels given) scores with the unit the release trains: the bidirectional CMN when
         `bidirectional`, even where ranking uses T2V (`release_t2v_inference`). `entity_ids` [N]
-        identifies each column's entity for `exclude_duplicate_negatives`.
+        identifies each column's entity for `exclude_duplicate_negatives`. `rows` (data-parallel
+        training, see `MelModel.forward`) scores only those mentions, [b, N], and returns their
+        share of the batch loss; the contrastive loss still meets every row of the batch.
         """
-        mention_cache = self.encode_mentions(mentions)
+        mention_cache = self.encode_mentions(mentions if rows is None else mentions.select(rows))
         entity_cache = self.encode_entities(entities)
         if labels is None:
             return self.match(mention_cache, entity_cache)
         labels = labels.long()
         output = self._match_all_pairs(mention_cache, entity_cache, bidirectional=self.config.bidirectional)
-        output.loss, output.unit_losses = self.training_loss(output, labels, entity_ids, mentions, entities)
+        output.loss, output.unit_losses = self.training_loss(output, labels, entity_ids, mentions, entities, rows)
         return output
 
     # --- loss (§3.7-3.8) ------------------------------------------------------------------------
     def training_loss(self, output: MatchOutput, labels: torch.Tensor, entity_ids: torch.Tensor | None,
-                      mentions: FeatureBatch, entities: FeatureBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L = CE(s) + Σ_units CE(s_unit) + cl_loss, each CE a mean over the batch rows (§3.8)."""
-        same_entity = (same_entity_columns(labels, entity_ids, output.scores.shape[1])               # [B, N]
-                       if self.config.exclude_duplicate_negatives and entity_ids is not None else None)
-        usable = torch.ones_like(output.scores, dtype=torch.bool)
-        if same_entity is not None:
-            is_label = torch.arange(output.scores.shape[1], device=labels.device)[None, :] == labels[:, None]
-            usable = ~same_entity | is_label
-        image_usable, image_rows = usable, None
+                      mentions: FeatureBatch, entities: FeatureBatch, rows: slice | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L = CE(s) + Σ_units CE(s_unit) + cl_loss, each CE a mean over the batch rows (§3.8).
+
+        `labels` and `mentions` cover the whole batch [B]; `output` holds the scores of `rows` (all
+        if None), whose share of each mean is returned.
+        """
+        rows = slice(None) if rows is None else rows
+        own_labels = labels[rows]                                                                     # [b]
+        num_columns, total = output.scores.shape[1], len(labels)
+        ids = entity_ids if self.config.exclude_duplicate_negatives else None
+        usable = usable_columns(own_labels, num_columns, ids)                                         # [b, N]
+        image_usable, image_rows, image_total = usable, None, total
         if self.config.mask_missing_images:
-            pair_has_images = mentions.has_image.bool()[:, None] & entities.has_image.bool()[None, :]   # [B, N]
-            image_usable = usable & pair_has_images
-            image_rows = pair_has_images.gather(1, labels[:, None]).squeeze(1)                          # [B]
-        losses = {"overall": masked_cross_entropy(output.scores, labels, usable)}
+            mention_has_image, entity_has_image = mentions.has_image.bool(), entities.has_image.bool()
+            image_usable = usable & (mention_has_image[rows][:, None] & entity_has_image[None, :])      # [b, N]
+            gold_pair_has_images = mention_has_image & entity_has_image[labels]                         # [B]
+            image_rows, image_total = gold_pair_has_images[rows], gold_pair_has_images.sum()
+        losses = {"overall": masked_cross_entropy(output.scores, own_labels, usable, total=total)}
         for name, scores in output.unit_scores.items():
             if name in IMAGE_UNITS:
-                losses[name] = masked_cross_entropy(scores, labels, image_usable, image_rows)
+                losses[name] = masked_cross_entropy(scores, own_labels, image_usable, image_rows, total=image_total)
             else:
-                losses[name] = masked_cross_entropy(scores, labels, usable)
-        gold_same = same_entity[:, labels] if same_entity is not None else None                 # [B, B]
-        losses["contrastive"] = self.contrastive_loss(mentions, entities, labels, gold_same)
+                losses[name] = masked_cross_entropy(scores, own_labels, usable, total=total)
+        gold_same = (same_entity_columns(labels, ids, num_columns)[:, labels]                         # [B, B]
+                     if ids is not None else None)
+        anchors = torch.zeros(total, dtype=torch.bool, device=labels.device)
+        anchors[rows] = True
+        losses["contrastive"] = self.contrastive_loss(mentions, entities, labels, gold_same, anchors)
         return sum(losses.values()), losses
 
     def contrastive_loss(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor,
-                         same_entity: torch.Tensor | None) -> torch.Tensor:
+                         same_entity: torch.Tensor | None, anchors: torch.Tensor | None = None) -> torch.Tensor:
         """cl_loss = (L_cl(t_cls_e, t_cls_m) + L_cl(v_cls_e, v_cls_m)) / 2 on raw features (§3.7).
 
         Rows are gold-aligned (entity row = labels[i]); `same_entity` [B, B] marks rows sharing a
         gold entity. With `mask_missing_images`, the image half uses only rows whose mention and
-        gold entity both have an image.
+        gold entity both have an image. `anchors` [B] bool: the rows whose share to compute (all
+        if None; see `intra_modal_contrastive_loss`).
         """
         options = {"temperature": self.config.loss_temperature, "inter_weight": self.config.inter_weight,
                    "intra_weight": self.config.intra_weight}
         text = intra_modal_contrastive_loss(entities.text_global[labels], mentions.text_global,
-                                            same_entity=same_entity, **options)
+                                            same_entity=same_entity, anchors=anchors, **options)
         entity_image = self.image_cls_fc(entities.image_global[labels])                  # v_cls_e [B, D]
         mention_image = self.image_cls_fc(mentions.image_global)                         # v_cls_m [B, D]
         if self.config.mask_missing_images:
             rows = mentions.has_image.bool() & entities.has_image.bool()[labels]         # [B]
             entity_image, mention_image = entity_image[rows], mention_image[rows]
             same_entity = same_entity[rows][:, rows] if same_entity is not None else None
-        image = intra_modal_contrastive_loss(entity_image, mention_image, same_entity=same_entity, **options)
+            anchors = anchors[rows] if anchors is not None else None
+        image = intra_modal_contrastive_loss(entity_image, mention_image, same_entity=same_entity, anchors=anchors,
+                                             **options)
         return (text + image) / 2
 
 

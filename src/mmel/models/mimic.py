@@ -369,38 +369,48 @@ class MIMICModel(MelModel):
         return MatchOutput(scores=scores, unit_scores={"tglu": text_score, "vdlu": visual_score, "cmfu": fusion_score})
 
     def forward(self, mentions: FeatureBatch, entities: FeatureBatch, labels: torch.Tensor | None = None,
-                entity_ids: torch.Tensor | None = None) -> MatchOutput:
+                entity_ids: torch.Tensor | None = None, rows: slice | None = None) -> MatchOutput:
         """Score B mentions against N entities; with `labels` [B] (gold column per row), add the loss.
 
         `entity_ids` [N] identifies the entity of each column (e.g. its KB row) so that, with
         `exclude_duplicate_negatives`, a column holding the same entity as a row's gold column is
-        not used as that row's negative.
+        not used as that row's negative. `rows` (data-parallel training, see `MelModel.forward`)
+        scores only those mentions, [b, N], and returns their share of the batch loss.
         """
-        mention_cache = self.encode_mentions(mentions)
+        mention_cache = self.encode_mentions(mentions if rows is None else mentions.select(rows))
         entity_cache = self.encode_entities(entities)
         output = self.match(mention_cache, entity_cache)
         if labels is not None:
             output.loss, output.unit_losses = self.unit_consistency_loss(
-                output, labels, entity_ids, mention_cache.has_image, entity_cache.has_image)
+                output, labels, entity_ids, mentions.has_image, entity_cache.has_image, rows=rows)
         return output
 
     # --- loss (§1.7) ----------------------------------------------------------------------------
     def unit_consistency_loss(self, output: MatchOutput, labels: torch.Tensor, entity_ids: torch.Tensor | None,
-                              mention_has_image: torch.Tensor, entity_has_image: torch.Tensor
-                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L = CE(s) + CE(s_T) + CE(s_V) + CE(s_C), each a mean cross-entropy over the batch rows."""
+                              mention_has_image: torch.Tensor, entity_has_image: torch.Tensor,
+                              rows: slice | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L = CE(s) + CE(s_T) + CE(s_V) + CE(s_C), each a mean cross-entropy over the batch rows.
+
+        `labels` and `mention_has_image` cover the whole batch [B]; `output` holds the scores of
+        `rows` (all if None), whose share of each mean is returned.
+        """
         labels = labels.long()
+        rows = slice(None) if rows is None else rows
+        own_labels = labels[rows]                                                            # [b]
         ids = entity_ids if self.config.exclude_duplicate_negatives else None
-        usable = usable_columns(labels, output.scores.shape[1], ids)                        # [B, N]
-        losses = {"overall": masked_cross_entropy(output.scores, labels, usable),
-                  "tglu": masked_cross_entropy(output.unit_scores["tglu"], labels, usable),
-                  "cmfu": masked_cross_entropy(output.unit_scores["cmfu"], labels, usable)}
-        visual_usable, visual_rows = usable, None
+        usable = usable_columns(own_labels, output.scores.shape[1], ids)                    # [b, N]
+        total = len(labels)
+        losses = {"overall": masked_cross_entropy(output.scores, own_labels, usable, total=total),
+                  "tglu": masked_cross_entropy(output.unit_scores["tglu"], own_labels, usable, total=total),
+                  "cmfu": masked_cross_entropy(output.unit_scores["cmfu"], own_labels, usable, total=total)}
+        visual_usable, visual_rows, visual_total = usable, None, total
         if self.config.mask_missing_images:
-            pair_has_images = mention_has_image.bool()[:, None] & entity_has_image.bool()[None, :]  # [B, N]
-            visual_usable = usable & pair_has_images
-            visual_rows = pair_has_images.gather(1, labels[:, None]).squeeze(1)                    # [B]
-        losses["vdlu"] = masked_cross_entropy(output.unit_scores["vdlu"], labels, visual_usable, visual_rows)
+            mention_has_image, entity_has_image = mention_has_image.bool(), entity_has_image.bool()
+            visual_usable = usable & (mention_has_image[rows][:, None] & entity_has_image[None, :])   # [b, N]
+            gold_pair_has_images = mention_has_image & entity_has_image[labels]                      # [B]
+            visual_rows, visual_total = gold_pair_has_images[rows], gold_pair_has_images.sum()
+        losses["vdlu"] = masked_cross_entropy(output.unit_scores["vdlu"], own_labels, visual_usable, visual_rows,
+                                              total=visual_total)
         return losses["overall"] + losses["tglu"] + losses["vdlu"] + losses["cmfu"], losses
 
 
