@@ -48,23 +48,32 @@ def test_synthetic_rows_do_not_depend_on_how_they_are_gathered(bench):
     assert table.text_global_matrix().shape == (500, 8) and table.generation_seconds > 0
 
 
-def test_build_serve_and_exhaustive_at_toy_size(bench, linker_backbone, tmp_path):
+def test_prepare_build_serve_and_reference_at_toy_size(bench, linker_backbone, tmp_path):
+    variants = (bench.Variant.parse("before:ivf_num_probes=16,cache_dtype=float16"), bench.Variant.parse("after:"))
     settings = bench.Settings(checkpoint=CHECKPOINT, ks=(10, 20), latency_queries=2, batch_queries=4,
-                              exhaustive_pairs=10_000, exhaustive_max_entities=1_000, threads=1, seed=0)
-    build = bench.run_build(600, settings, tmp_path, backbone=linker_backbone)
-    assert build["vector_index"] == "flat" and build["cache_dtype"] == "float32"
-    assert {"entity_cache", "vectors", "entity_store"} <= set(build["stages_s"]) and build["disk_mib"] > 0
+                              exhaustive_pairs=10_000, exhaustive_max_entities=1_000, threads=1, seed=0,
+                              variants=variants)
+    assert settings.index_config(variants[0]).ivf_num_probes == 16
+    assert bench.run_prepare(600, settings, tmp_path, backbone=linker_backbone)["queries"] == 4
+    entries = []
+    for variant in variants:
+        build = bench.run_build(600, settings, tmp_path, variant)
+        assert build["vector_index"] == "flat" and build["recall_tuning"] is None
+        assert {"entity_cache", "vectors", "entity_store"} <= set(build["stages_s"]) and build["disk_mib"] > 0
+        serve = bench.run_serve(600, settings, tmp_path, variant, backbone=linker_backbone)
+        assert [search["k"] for search in serve["searches"]] == [10, 20]
+        for search in serve["searches"]:
+            assert search["batch_mentions_per_s"] > 0 and search["p95_ms"] >= search["p50_ms"] > 0
+            assert search["gold_in_top_10"] == 1.0 and len(search["top1_qids"]) == 4
+        assert serve["first_stage_recall"] == {"10": 1.0, "20": 1.0}
+        entries.append({"name": variant.name, "build": build, "serve": serve})
+    assert entries[0]["build"]["cache_dtype"] == "float16" and entries[1]["build"]["cache_dtype"] == "float32"
 
-    serve = bench.run_serve(600, settings, tmp_path, backbone=linker_backbone)
-    assert [search["k"] for search in serve["searches"]] == [10, 20]
-    for search in serve["searches"]:
-        assert search["batch_mentions_per_s"] > 0 and search["p95_ms"] >= search["p50_ms"] > 0
-        assert search["gold_in_top_10"] == 1.0 and len(search["top1_qids"]) == 4
-
-    exhaustive = bench.run_exhaustive(600, settings, tmp_path)
-    assert exhaustive["mentions"] == 4 and exhaustive["gold_at_1"] == 1.0
-    comparison = bench.compare(serve, exhaustive)
-    assert comparison["k"] == 20 and comparison["top1_agreement"] == 1.0
-    results = {"settings": {"ks": [10, 20]}, "cases": [{"size": 600, "build": build, "serve": serve,
-                                                         "exhaustive": exhaustive, "comparison": comparison}]}
-    assert bench.markdown(results).splitlines()[2].startswith("| 600 | flat | float32 |")
+    reference = bench.run_reference(600, settings, tmp_path, variants[0])
+    assert reference["mentions"] == 4 and reference["gold_at_1"] == 1.0 and reference["cache_of"] == "before"
+    for entry in entries:
+        entry["comparison"] = bench.compare(entry["serve"], reference)
+        assert entry["comparison"]["gold_at_1_where_reference_finds_it"] == 1.0
+    results = {"settings": {"ks": [10, 20]}, "cases": [{"size": 600, "variants": entries, "reference": reference}]}
+    table = bench.markdown(results).splitlines()
+    assert table[2].startswith("| 600 | before | flat (exact) | float16 |") and table[3].startswith("| 600 | after |")
