@@ -41,33 +41,37 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from mmel.backbones.base import Backbone, ImageFeatures, TextFeatures
-from mmel.core.crashpoints import crash_point
+from mmel.backbones.base import Backbone
+from mmel.core.engine import Engine, LocalEngine, split_into_shards
 from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, PooledView
-from mmel.core.images import ImageReport, decode_image_bytes, read_image_bytes
+from mmel.core.images import ImageReport, read_image_bytes
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset
-from mmel.features.encoding import encode_image_batches, encode_text_batches, resolve_image_batch_size
+from mmel.features.encoding import resolve_image_batch_size
+from mmel.features.shard_encoder import (
+    IMAGE_FIELDS,
+    STORAGE_DTYPES,
+    TEXT_FIELDS,
+    EncodedShard,
+    EncodeShard,
+    ShardEncoder,
+    image_arrays,
+)
 from mmel.features.shards import ShardCache, content_key
 from mmel.features.templates import TextTemplate, get_template, text_view
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
-TEXT_FIELDS = ("global", "tokens", "mask")
-IMAGE_FIELDS = ("global", "patches")
 ENTITY_TABLE = "entities"
 MANIFEST_FILE = "manifest.json"
 IMAGES_PER_TEXT_SHARD = 8   # image entries are ~30x larger than text entries: shards hold 1/8 as many
@@ -142,7 +146,11 @@ class StoredFeatureTable:
 
 @dataclass
 class BuildReport:
-    """What one `build_features` call did and how fast."""
+    """What one `build_features` call did and how fast.
+
+    `text_seconds` and `image_seconds` are worker time summed over the shards, so the rates are
+    those of one worker; `wall_seconds` is the whole build (with N workers, down to about 1/N).
+    """
 
     dataset: str
     view_id: str
@@ -156,6 +164,8 @@ class BuildReport:
     image_seconds: float = 0.0
     wall_seconds: float = 0.0
     store_bytes: int = 0
+    engine: str = "local"
+    workers: int = 1
 
     @property
     def texts_per_second(self) -> float:
@@ -172,14 +182,16 @@ class BuildReport:
                 "image_problems": dict(self.image_report.problems), "text_seconds": round(self.text_seconds, 3),
                 "image_seconds": round(self.image_seconds, 3), "wall_seconds": round(self.wall_seconds, 3),
                 "texts_per_second": round(self.texts_per_second, 1),
-                "images_per_second": round(self.images_per_second, 1), "store_bytes": self.store_bytes}
+                "images_per_second": round(self.images_per_second, 1), "store_bytes": self.store_bytes,
+                "engine": self.engine, "workers": self.workers}
 
     def summary(self) -> str:
         return (f"{self.dataset}: {sum(self.rows.values())} items in {len(self.rows)} tables; "
                 f"texts {self.texts_encoded} encoded / {self.unique_texts} unique "
                 f"({self.texts_per_second:.1f} texts/s); images {self.images_encoded} encoded / "
                 f"{self.unique_images} usable ({self.images_per_second:.1f} images/s); {self.image_report.summary()}; "
-                f"wall {self.wall_seconds:.1f} s; store {self.store_bytes / 2**20:.1f} MiB")
+                f"wall {self.wall_seconds:.1f} s on {self.workers} {self.engine} worker(s); "
+                f"store {self.store_bytes / 2**20:.1f} MiB")
 
 
 @dataclass
@@ -241,16 +253,23 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
                    entity_field: str | None = None, max_text_length: int = 40, dtype: str = "float16",
                    batch_size: int = 64, image_batch_size: int | None = None, num_threads: int | None = None,
                    splits: Sequence[str] | None = None, shard_size: int = 2048, progress: bool = True,
-                   on_shard: ShardCallback | None = None, extra_views: Sequence[str] = ()) -> DatasetFeatures:
+                   on_shard: ShardCallback | None = None, extra_views: Sequence[str] = (),
+                   engine: Engine | None = None) -> DatasetFeatures:
     """Encode what the store lacks for `dataset`, write its view, and open it.
 
     `extra_views` names further text views (`mmel.features.templates.TEXT_VIEWS`) to store as pooled
     vectors, for the tables of their side; views the existing view already holds are kept.
 
-    `on_shard(kind, entries)` is called after each shard ("text" or "image") is safely on disk.
-    `image_batch_size=None` picks one image per call on CPU and `batch_size` on an accelerator.
+    `engine` runs the encoding: by default this process (`LocalEngine`); a cluster engine's workers
+    encode and write disjoint shards in parallel (the dataset and store directories must be the same
+    paths on every worker). Either way the same shards are written, and the view that makes them
+    visible is written here, once, after the last one. `on_shard(kind, entries)` is called after
+    each shard ("text" or "image") is safely on disk. `image_batch_size=None` picks one image per
+    call on CPU and `batch_size` on an accelerator. `num_threads` sets torch's threads here and in
+    every worker.
     """
     started = time.perf_counter()
+    engine = engine or LocalEngine()
     image_batch_size = resolve_image_batch_size(backbone, image_batch_size, batch_size)
     _check_build_options(dataset.name, dtype, batch_size, image_batch_size, shard_size, max_text_length)
     text_template = get_template(template, entity_field)
@@ -265,16 +284,21 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
     extras = _extra_view_tables(dataset, view_names, split_names)
     namespace = Path(store_dir) / "cache" / backbone.fingerprint / dtype
     _write_backbone_info(namespace, backbone)
-    storage = STORAGE_DTYPES[dtype]
+    text_dir, image_dir = namespace / f"text-L{max_text_length}", namespace / "image"
     image_report = ImageReport()
+    text_keys = _text_keys(_all_texts(tables, extras))
+    path_keys = _hash_image_files(tables, dataset.root, image_report, progress)
+    shards = (_missing_text_shards(text_dir, text_keys, shard_size)
+              + _missing_image_shards(image_dir, path_keys, max(1, shard_size // IMAGES_PER_TEXT_SHARD), image_report))
+    encoder = ShardEncoder(backbone, text_dir, image_dir, dataset.root, max_text_length, dtype, batch_size,
+                           image_batch_size, num_threads)
     with _torch_threads(num_threads), torch.inference_mode():
-        text_cache, text_keys, text_stats = _fill_text_cache(
-            namespace / f"text-L{max_text_length}", _all_texts(tables, extras), backbone, max_text_length, storage,
-            batch_size, shard_size, progress, on_shard)
-        image_cache, image_keys, image_stats = _fill_image_cache(
-            namespace, tables, dataset.root, backbone, storage, image_batch_size,
-            max(1, shard_size // IMAGES_PER_TEXT_SHARD), image_report, progress, on_shard)
-        blank = _blank_image_entry(namespace, backbone, storage)
+        totals = _encode_shards(engine, encoder, shards, image_report, progress, on_shard)
+        blank = _blank_image_entry(namespace, backbone, dtype)
+    text_cache, image_cache = ShardCache(text_dir, TEXT_FIELDS), ShardCache(image_dir, IMAGE_FIELDS)
+    bad_keys = {path_keys[path] for path in totals.undecodable}
+    image_keys: dict[str | None, str | None] = {None: None, **{path: None if key in bad_keys else key
+                                                                for path, key in path_keys.items()}}
     manifest = {
         "format_version": FORMAT_VERSION, "dataset": dataset.name, "view_id": view_id,
         "backbone": _backbone_info(backbone), "template": text_template.to_dict(),
@@ -291,12 +315,48 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
     features = _open_view(Path(store_dir), view_dir, text_cache=text_cache, image_cache=image_cache, blank=blank)
     features.report = BuildReport(
         dataset=dataset.name, view_id=view_id, rows={name: len(items) for name, items in tables.items()},
-        unique_texts=text_stats[0], texts_encoded=text_stats[1], unique_images=image_stats[0],
-        images_encoded=image_stats[1], image_report=image_report, text_seconds=text_stats[2],
-        image_seconds=image_stats[2], wall_seconds=time.perf_counter() - started,
-        store_bytes=directory_bytes(Path(store_dir)))
+        unique_texts=len(text_keys), texts_encoded=totals.entries["text"],
+        unique_images=len({key for key in path_keys.values() if key is not None} - bad_keys),
+        images_encoded=totals.entries["image"], image_report=image_report, text_seconds=totals.seconds["text"],
+        image_seconds=totals.seconds["image"], wall_seconds=time.perf_counter() - started,
+        store_bytes=directory_bytes(Path(store_dir)), engine=engine.name, workers=engine.num_workers)
     logger.info("%s", features.report.summary())
     return features
+
+
+@dataclass
+class _ShardTotals:
+    """What the workers did, summed over shards: entries written and worker seconds, by kind."""
+
+    entries: dict[str, int] = field(default_factory=lambda: {"text": 0, "image": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"text": 0.0, "image": 0.0})
+    undecodable: list[str] = field(default_factory=list)
+
+
+def _encode_shards(engine: Engine, encoder: ShardEncoder, shards: list[EncodeShard], image_report: ImageReport,
+                   progress: bool, on_shard: ShardCallback | None) -> _ShardTotals:
+    """Run `encoder` over `shards` on `engine`; tally each shard as its worker reports it written."""
+    totals = _ShardTotals()
+    bars = {kind: tqdm(total=sum(len(shard.items) for shard in shards if shard.kind == kind), desc=f"{kind}s",
+                       unit=kind, disable=not progress or not any(shard.kind == kind for shard in shards))
+            for kind in ("text", "image")}
+    try:
+        for position, done in engine.map_shards(encoder, shards):
+            _tally(totals, done, image_report)
+            bars[done.kind].update(len(shards[position].items))
+            if on_shard is not None and done.entries:
+                on_shard(done.kind, done.entries)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return totals
+
+
+def _tally(totals: _ShardTotals, done: EncodedShard, image_report: ImageReport) -> None:
+    totals.entries[done.kind] += done.entries
+    totals.seconds[done.kind] += done.seconds
+    totals.undecodable.extend(done.undecodable)
+    image_report.merge(done.image_report)
 
 
 def _splits_in_view(view_dir: Path) -> list[str]:
@@ -363,70 +423,39 @@ def _table_checksum(items: Sequence[_Item]) -> str:
     return digest.hexdigest()
 
 
-def _fill_text_cache(directory: Path, all_texts: Sequence[str], backbone: Backbone, max_text_length: int,
-                     storage: type, batch_size: int, shard_size: int, progress: bool,
-                     on_shard: ShardCallback | None) -> tuple[ShardCache, dict[str, str], tuple[int, int, float]]:
-    """Encode every distinct text the cache lacks; return the cache, text -> key, (unique, encoded, seconds)."""
-    keys = dict.fromkeys(all_texts, "")
-    for text in keys:
-        keys[text] = content_key(text.encode("utf-8"))
-    cache = ShardCache(directory, TEXT_FIELDS)
-    texts = list(keys)
-    refs = cache.lookup([keys[text] for text in texts])
-    missing = [text for text, ref in zip(texts, refs, strict=True) if ref[0] < 0]
-    started = time.perf_counter()
-    with tqdm(total=len(missing), desc="texts", unit="text", disable=not progress) as bar:
-        for start in range(0, len(missing), shard_size):
-            chunk = missing[start:start + shard_size]
-            batches = (_text_arrays(features, storage, bar)
-                       for features in encode_text_batches(backbone, chunk, max_text_length, batch_size))
-            _write_encoded_shard(cache, [keys[text] for text in chunk], batches, "text", on_shard)
-    seconds = time.perf_counter() - started
-    cache.refresh()
-    return cache, keys, (len(texts), len(missing), seconds)
+def _text_keys(all_texts: Sequence[str]) -> dict[str, str]:
+    """Distinct text -> its content key, in first-seen order."""
+    return {text: content_key(text.encode("utf-8")) for text in dict.fromkeys(all_texts)}
 
 
-def _fill_image_cache(namespace: Path, tables: dict[str, list[_Item]], root: Path, backbone: Backbone,
-                      storage: type, batch_size: int, shard_size: int, report: ImageReport, progress: bool,
-                      on_shard: ShardCallback | None) -> tuple[ShardCache, dict[str | None, str | None],
-                                                                tuple[int, int, float]]:
-    """Encode every distinct usable image the cache lacks.
+def _missing_text_shards(directory: Path, keys: dict[str, str], shard_size: int) -> list[EncodeShard]:
+    """The texts the cache lacks, in order, cut into shards of `shard_size`."""
+    refs = ShardCache(directory, TEXT_FIELDS).lookup(list(keys.values()))
+    missing = [text for text, ref in zip(keys, refs, strict=True) if ref[0] < 0]
+    return [EncodeShard("text", [keys[text] for text in chunk], list(chunk))
+            for chunk in split_into_shards(missing, shard_size)]
 
-    Returns the cache, path -> content key (None: no usable image), and (usable, encoded, seconds).
-    Files are hashed first (cheap) and decoded only when their content is not cached yet.
-    """
-    cache = ShardCache(namespace / "image", IMAGE_FIELDS)
-    path_keys = _hash_image_files(tables, root, report, progress)
+
+def _missing_image_shards(directory: Path, path_keys: dict[str, str | None], shard_size: int,
+                          report: ImageReport) -> list[EncodeShard]:
+    """The distinct image contents the cache lacks (one path each), cut into shards; cached ones count as loaded."""
     first_path: dict[str, str] = {}
     for path, key in path_keys.items():
         if key is not None:
             first_path.setdefault(key, path)
-    refs = cache.lookup(list(first_path))
+    refs = ShardCache(directory, IMAGE_FIELDS).lookup(list(first_path))
     missing = [path for path, ref in zip(first_path.values(), refs, strict=True) if ref[0] < 0]
     report.loaded += len(first_path) - len(missing)
-    started = time.perf_counter()
-    undecodable: set[str] = set()
-    chunks = [missing[start:start + shard_size] for start in range(0, len(missing), shard_size)]
-    with ThreadPoolExecutor(max_workers=1) as decoder, \
-            tqdm(total=len(missing), desc="images", unit="image", disable=not progress or not missing) as bar:
-        for chunk, images in _prefetched(chunks, lambda paths: _decode_images(root, paths, report), decoder):
-            decoded = {path: image for path, image in zip(chunk, images, strict=True) if image is not None}
-            undecodable.update(set(chunk) - set(decoded))
-            bar.update(len(chunk))
-            if decoded:
-                batches = (_image_arrays(features, storage)
-                           for features in encode_image_batches(backbone, list(decoded.values()), batch_size))
-                _write_encoded_shard(cache, [path_keys[path] for path in decoded], batches, "image", on_shard)
-    seconds = time.perf_counter() - started
-    cache.refresh()
-    bad_keys = {path_keys[path] for path in undecodable}
-    usable = {path: (None if key in bad_keys else key) for path, key in path_keys.items()}
-    return cache, {None: None, **usable}, (len(first_path) - len(bad_keys), len(missing) - len(undecodable), seconds)
+    return [EncodeShard("image", [path_keys[path] or "" for path in chunk], list(chunk))
+            for chunk in split_into_shards(missing, shard_size)]
 
 
 def _hash_image_files(tables: dict[str, list[_Item]], root: Path, report: ImageReport,
                       progress: bool) -> dict[str, str | None]:
-    """Distinct image path -> content key of its bytes, or None (missing/unreadable, counted in `report`)."""
+    """Distinct image path -> content key of its bytes, or None (missing/unreadable, counted in `report`).
+
+    Files are hashed here (cheap) and decoded by the workers only when their content is not cached yet.
+    """
     paths = list(dict.fromkeys(item.image for items in tables.values() for item in items if item.image))
     keys: dict[str, str | None] = {}
     for path in tqdm(paths, desc="hashing images", unit="image", disable=not progress or not paths):
@@ -435,57 +464,11 @@ def _hash_image_files(tables: dict[str, list[_Item]], root: Path, report: ImageR
     return keys
 
 
-def _decode_images(root: Path, paths: list[str], report: ImageReport) -> list[Image.Image | None]:
-    """Decode `paths` (runs in the prefetch thread while the previous chunk is encoded)."""
-    images = []
-    for path in paths:
-        data = read_image_bytes(root, path, report)
-        images.append(None if data is None else decode_image_bytes(data, path, report))
-    return images
-
-
-def _text_arrays(features: TextFeatures, storage: type, bar: tqdm) -> dict[str, np.ndarray]:
-    bar.update(len(features.mask))
-    return {"global": features.global_.float().cpu().numpy().astype(storage),   # [b, Dt]
-            "tokens": features.tokens.float().cpu().numpy().astype(storage),    # [b, L, Dt]
-            "mask": features.mask.cpu().numpy()}                                 # [b, L]
-
-
-def _image_arrays(features: ImageFeatures, storage: type) -> dict[str, np.ndarray]:
-    return {"global": features.global_.float().cpu().numpy().astype(storage),   # [b, Dg]
-            "patches": features.patches.float().cpu().numpy().astype(storage)}  # [b, P, Dp]
-
-
-def _write_encoded_shard(cache: ShardCache, keys: list[str], batches: Iterator[dict[str, np.ndarray]], kind: str,
-                         on_shard: ShardCallback | None) -> None:
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in cache.fields}
-    for arrays in batches:
-        for name in cache.fields:
-            parts[name].append(arrays[name])
-    cache.write_shard(keys, {name: np.concatenate(chunks) for name, chunks in parts.items()})
-    crash_point(f"features.{kind}_shard_written")
-    if on_shard is not None:
-        on_shard(kind, len(keys))
-
-
-def _prefetched(chunks: list[list[str]], load: Callable[[list[str]], list[Image.Image | None]],
-                executor: ThreadPoolExecutor) -> Iterator[tuple[list[str], list[Image.Image | None]]]:
-    """Yield (chunk, load(chunk)) in order, loading the next chunk while the caller works on this one."""
-    pending: tuple[list[str], Future[list[Image.Image | None]]] | None = None
-    for chunk in chunks:
-        future = executor.submit(load, chunk)
-        if pending is not None:
-            yield pending[0], pending[1].result()
-        pending = (chunk, future)
-    if pending is not None:
-        yield pending[0], pending[1].result()
-
-
-def _blank_image_entry(namespace: Path, backbone: Backbone, storage: type) -> dict[str, np.ndarray]:
+def _blank_image_entry(namespace: Path, backbone: Backbone, dtype: str) -> dict[str, np.ndarray]:
     directory = namespace / "image-blank"
     if not directory.is_dir():
         with atomic_directory(directory) as tmp:
-            for name, array in _image_arrays(backbone.encode_blank_images(1), storage).items():
+            for name, array in image_arrays(backbone.encode_blank_images(1), dtype).items():
                 np.save(tmp / f"{name}.npy", array)
     return {name: np.load(directory / f"{name}.npy") for name in IMAGE_FIELDS}
 
