@@ -11,7 +11,8 @@ the shards; it never knows what they hold. Two engines exist:
   it joins or starts (imported only when asked for: `--engine ray`).
 
 A worker is built once per worker process by `make_worker()` (loading a backbone or opening an
-index is the expensive part, so it is not repeated per shard), then called once per shard. For
+index is the expensive part, so it is not repeated per shard), then called once per shard; a
+worker with a `close()` method is closed when the map ends. For
 a cluster engine `make_worker` and the shards are pickled (cloudpickle): a top-level class or a
 `functools.partial` of a top-level function, holding paths and small settings, travels best.
 Paths must name the same files on every node (one node, or a shared filesystem).
@@ -26,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
 
-from mmel.core.errors import UsageError
+from mmel.core.errors import MmelError, UsageError
 
 ShardT = TypeVar("ShardT")
 ResultT = TypeVar("ResultT")
@@ -36,6 +37,10 @@ Worker = Callable[[ShardT], ResultT]
 
 WorkerFactory = Callable[[], Worker[ShardT, ResultT]]
 """Builds a worker (picklable for a cluster engine)."""
+
+
+class WorkerLostError(MmelError):
+    """A worker process died mid-shard (killed, out of memory, node lost); a rerun does the unfinished shards."""
 
 
 @runtime_checkable
@@ -53,7 +58,7 @@ class Engine(Protocol):
         order, holding back early finishers (a cluster engine then keeps at most a bounded number
         of results waiting). A worker's exception is raised here, after the results that came
         before it; shards not yet finished are abandoned. Stopping the iteration early abandons
-        the rest too.
+        the rest too. A worker process that dies raises `WorkerLostError`.
         """
         ...
 
@@ -77,8 +82,11 @@ class LocalEngine:
         if not shards:
             return
         worker = make_worker()
-        for position, shard in enumerate(shards):
-            yield position, worker(shard)
+        try:
+            for position, shard in enumerate(shards):
+                yield position, worker(shard)
+        finally:
+            close_worker(worker)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -90,6 +98,13 @@ class LocalEngine:
         self.close()
 
 
+def close_worker(worker: object) -> None:
+    """Call the worker's `close()`, if it has one (a worker holding files, an index, a connection)."""
+    close = getattr(worker, "close", None)
+    if callable(close):
+        close()
+
+
 def split_into_shards(items: Sequence[ShardT], shard_size: int) -> list[Sequence[ShardT]]:
     """`items` cut into consecutive slices of `shard_size` (the last one shorter)."""
     if shard_size < 1:
@@ -97,4 +112,4 @@ def split_into_shards(items: Sequence[ShardT], shard_size: int) -> list[Sequence
     return [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
 
 
-__all__ = ["Engine", "LocalEngine", "Worker", "WorkerFactory", "split_into_shards"]
+__all__ = ["Engine", "LocalEngine", "Worker", "WorkerFactory", "WorkerLostError", "close_worker", "split_into_shards"]

@@ -14,7 +14,7 @@ import logging
 import os
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
 KB_FILE = "kb.jsonl"
 MENTIONS_DIR = "mentions"
+MAX_SPLIT_NAME_BYTES = 100   # file systems allow 255, and atomic writes add a prefix and a suffix to the name
 
 _DATASET_KEYS = {"name": str, "format_version": int, "splits": list, "source": str}
 _DATASET_REQUIRED = ("name", "format_version", "splits")
@@ -144,12 +145,13 @@ def read_kb_jsonl(path: Path, root: Path | None = None) -> KnowledgeBase:
     root = path.parent if root is None else Path(root)
     entities = []
     for line, record in read_jsonl(path):
-        _check_record(record, _ENTITY_KEYS, _ENTITY_REQUIRED, path, line)
+        where = f"line {line}"
+        _check_record(record, _ENTITY_KEYS, _ENTITY_REQUIRED, path, where)
         if not record["qid"]:
-            raise DataError("'qid' must not be empty", path=path, record=f"line {line}")
+            raise DataError("'qid' must not be empty", path=path, record=where)
         images = record.get("images", [])
         for image in images:
-            _check_image_path(image, root, path, line)
+            _check_image_path(image, root, path, where)
         entities.append(Entity(qid=record["qid"], name=record["name"], attributes=record.get("attributes", ""),
                                description=record.get("description", ""), images=tuple(images),
                                extra=record.get("extra", {})))
@@ -164,13 +166,19 @@ def read_mentions_jsonl(path: Path, root: Path | None = None) -> list[Mention]:
     """
     path = Path(path)
     root = path.parent if root is None else Path(root)
+    return mentions_from_records(((f"line {line}", record) for line, record in read_jsonl(path)), path, root)
+
+
+def mentions_from_records(records: Iterable[tuple[str, dict[str, Any]]], path: Path, root: Path) -> list[Mention]:
+    """Mentions from `(where, record)` pairs of a file's reader (JSONL lines, Parquet rows), checked as
+    this format's mention records (`where` names the record in errors), with repeated ids made unique."""
     mentions = []
-    for line, record in read_jsonl(path):
-        _check_record(record, _MENTION_KEYS, _MENTION_REQUIRED, path, line)
-        span = _parse_span(record, path, line)
+    for where, record in records:
+        _check_record(record, _MENTION_KEYS, _MENTION_REQUIRED, path, where)
+        span = _parse_span(record, path, where)
         image = record.get("image")
         if image is not None:
-            _check_image_path(image, root, path, line)
+            _check_image_path(image, root, path, where)
         mentions.append(Mention(id=record["id"], sentence=record["sentence"], surface=record["surface"], span=span,
                                 image=image, gold_qid=record.get("gold_qid"), extra=record.get("extra", {}),
                                 caption=record.get("caption")))
@@ -215,8 +223,7 @@ def span_matches(sentence: str, surface: str, span: tuple[int, int]) -> bool:
 
 
 def _check_record(record: dict[str, Any], schema: Mapping[str, Any], required: tuple[str, ...], path: Path,
-                  line: int | None) -> None:
-    where = None if line is None else f"line {line}"
+                  where: str | None) -> None:
     missing = [key for key in required if key not in record]
     if missing:
         raise DataError(f"missing required key(s) {', '.join(missing)}", path=path, record=where)
@@ -240,38 +247,39 @@ def _type_names(expected: type | tuple[type, ...]) -> str:
     return " or ".join(names[t] for t in types)
 
 
-def _parse_span(record: dict[str, Any], path: Path, line: int) -> tuple[int, int] | None:
+def _parse_span(record: dict[str, Any], path: Path, where: str) -> tuple[int, int] | None:
     span = record.get("span")
     if span is None:
         return None
     if len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
         raise DataError(f"'span' must be [start, end] with two integers or null, got {span!r}",
-                        path=path, record=f"line {line}")
+                        path=path, record=where)
     start, end = span
     if not span_matches(record["sentence"], record["surface"], (start, end)):
         found = record["sentence"][max(start, 0):max(end, 0)]
         raise DataError(f"span [{start}, {end}] does not hold the surface {record['surface']!r} "
                         f"(sentence of length {len(record['sentence'])}, text at span: {found!r})",
-                        path=path, record=f"line {line}")
+                        path=path, record=where)
     return start, end
 
 
-def _check_image_path(image: str, root: Path, path: Path, line: int) -> None:
+def _check_image_path(image: str, root: Path, path: Path, where: str) -> None:
     if not image or os.path.isabs(image) or image.startswith(("/", "\\")):
         raise PathEscapeError(f"image path {image!r} must be a non-empty path relative to the dataset directory",
-                              path=path, record=f"line {line}")
+                              path=path, record=where)
     try:
         resolve_in_root(root, image)
     except PathEscapeError as error:
-        raise PathEscapeError(str(error), path=path, record=f"line {line}") from None
+        raise PathEscapeError(str(error), path=path, record=where) from None
 
 
 def check_split_name(split: str, source: object, record: object = None) -> None:
     """A split name becomes the file name `mentions/<split>.jsonl`: refuse anything but a plain name."""
     if (not split or "/" in split or "\\" in split or split.startswith(".")
-            or any(unicodedata.category(char) == "Cc" for char in split)):
-        raise DataError(f"split name {split!r} must be a plain file name (no '/', no leading '.', no control "
-                        "characters)", path=source, record=record)
+            or any(unicodedata.category(char) == "Cc" for char in split)
+            or len(split.encode("utf-8", "surrogatepass")) > MAX_SPLIT_NAME_BYTES):
+        raise DataError(f"split name {split!r:.80} must be a plain file name (no '/', no leading '.', no control "
+                        f"characters, at most {MAX_SPLIT_NAME_BYTES} bytes)", path=source, record=record)
 
 
 def _check_no_unlisted_splits(path: Path, split_names: list[str]) -> None:
@@ -349,6 +357,7 @@ __all__ = [
     "DatasetInfo",
     "check_output_directory",
     "check_split_name",
+    "mentions_from_records",
     "read_dataset",
     "read_dataset_info",
     "read_kb_jsonl",
