@@ -362,8 +362,8 @@ def test_mimic_layout_names_file_and_record(rows: Any, qid2id: Any, mentions: An
 def _holds_records(path: Path, container: type) -> bool:
     """Whether the file parses as the JSON list or object that holds its records (else a problem is file-wide)."""
     try:
-        value = json.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))
-    except (ValueError, RecursionError):
+        value = json.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+    except (ValueError, RecursionError):   # UnicodeDecodeError is a ValueError
         return False
     return isinstance(value, container)
 

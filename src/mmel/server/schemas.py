@@ -38,17 +38,29 @@ class LinkQuery(BaseModel):
         return self
 
 
+_TOP_K_DOC = "how many ranked entities to return (unset: 10, or the server's limit when lower)"
+_CANDIDATES_K_DOC = "how many first-stage candidates to rerank (unset: 100, or the server's limit when lower)"
+
+
+_EXAMPLE_QUERY = {"sentence": "Mercury sang Bohemian Rhapsody with Queen.", "mention": "Mercury"}
+
+
 class LinkRequest(LinkQuery):
-    top_k: StrictInt = Field(default=10, ge=1, description="how many ranked entities to return")
-    candidates_k: StrictInt = Field(default=100, ge=1, description="how many first-stage candidates to rerank")
+    """Shown with an example in the API docs (which API fuzzers also start from)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{**_EXAMPLE_QUERY, "top_k": 3}]})
+
+    top_k: StrictInt = Field(default=10, ge=1, description=_TOP_K_DOC)
+    candidates_k: StrictInt = Field(default=100, ge=1, description=_CANDIDATES_K_DOC)
 
 
 class LinkBatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"queries": [_EXAMPLE_QUERY, {"sentence": "We flew to Paris.", "span": [11, 16]}], "top_k": 3}]})
 
     queries: list[LinkQuery] = Field(min_length=1)
-    top_k: StrictInt = Field(default=10, ge=1)
-    candidates_k: StrictInt = Field(default=100, ge=1)
+    top_k: StrictInt = Field(default=10, ge=1, description=_TOP_K_DOC)
+    candidates_k: StrictInt = Field(default=100, ge=1, description=_CANDIDATES_K_DOC)
 
 
 class CandidateOut(BaseModel):
@@ -104,6 +116,13 @@ class HealthResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str | list[dict[str, object]]
+
+
+# What every operation behind the bearer token may answer before it looks at the request.
+AUTH_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "bearer token missing"},
+    403: {"model": ErrorResponse, "description": "bearer token wrong"},
+}
 
 
 def shorten(text: str, limit: int = ENTITY_TEXT_PREVIEW_CHARS) -> str:

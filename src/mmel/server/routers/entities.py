@@ -8,14 +8,15 @@ from http import HTTPStatus
 from fastapi import APIRouter, Depends, HTTPException, Path, Response
 
 from mmel.server.deps import LinkerDep, SettingsDep, require_token, run_with_timeout
-from mmel.server.schemas import EntityOut, ErrorResponse, entity_out
+from mmel.server.schemas import AUTH_ERROR_RESPONSES, EntityOut, ErrorResponse, entity_out
 
 PREVIEW_SIDE = 384      # px; the page shows entity images as thumbnails
 PREVIEW_QUALITY = 85
 MAX_QID_CHARS = 200
 
 router = APIRouter(tags=["entities"], dependencies=[Depends(require_token)],
-                   responses={404: {"model": ErrorResponse, "description": "unknown QID or image"}})
+                   responses={**AUTH_ERROR_RESPONSES,
+                              404: {"model": ErrorResponse, "description": "unknown QID or image"}})
 
 
 @router.get("/entities/{qid}", response_model=EntityOut, summary="An entity's name, texts and image count")

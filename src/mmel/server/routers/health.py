@@ -11,7 +11,12 @@ from mmel.server.schemas import HealthResponse
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=HealthResponse, summary="Is the server up, and what does it serve")
+# The token is optional here (without it the answer is liveness only): the schema says "bearer token or none".
+_OPTIONAL_TOKEN = {"security": [{}]}
+
+
+@router.get("/health", response_model=HealthResponse, summary="Is the server up, and what does it serve",
+            openapi_extra=_OPTIONAL_TOKEN)
 def health(linker: LinkerDep, batcher: BatcherDep, settings: SettingsDep, credentials: CredentialsDep
            ) -> HealthResponse:
     if not is_authorized(settings, credentials):

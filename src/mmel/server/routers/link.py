@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -17,6 +17,7 @@ from mmel.core.images import ImageTooLargeError, decode_image
 from mmel.retrieval.queries import MentionQuery, prepare_query
 from mmel.server.deps import BatcherDep, LinkerDep, SettingsDep, await_with_timeout, require_token, run_with_timeout
 from mmel.server.schemas import (
+    AUTH_ERROR_RESPONSES,
     MAX_SENTENCE_CHARS,
     ErrorResponse,
     LinkBatchRequest,
@@ -28,14 +29,16 @@ from mmel.server.schemas import (
 )
 from mmel.server.settings import ServerSettings
 
+RequestModel = TypeVar("RequestModel", LinkRequest, LinkBatchRequest)
+
 FORM_FIELDS = ("sentence", "mention", "span_start", "span_end", "top_k", "candidates_k")
 INTEGER_FORM_FIELDS = frozenset(("span_start", "span_end", "top_k", "candidates_k"))
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {**AUTH_ERROR_RESPONSES, **{
     code: {"model": ErrorResponse, "description": description} for code, description in (
-        (400, "unreadable body"), (401, "bearer token missing"), (403, "bearer token wrong"),
+        (400, "unreadable body"), (408, "body did not arrive within the server's time limit"),
         (413, "body, image or batch over the server's limits"), (415, "neither JSON nor multipart"),
         (422, "invalid request (message says what)"), (504, "took longer than the server's time limit"))
-}
+}}
 _FORM_SCHEMA = {
     "type": "object",
     "required": ["sentence"],
@@ -54,6 +57,25 @@ _LINK_BODY_DOC = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": _FORM_SCHEMA},
 }}}
 
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` put in place: OpenAPI resolves `#/$defs/...` from the document root."""
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+
+    return inline(schema)
+
+
+_BATCH_BODY_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _inlined(LinkBatchRequest.model_json_schema())},
+}}}
+
 router = APIRouter(tags=["link"], dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
 
 
@@ -61,31 +83,35 @@ router = APIRouter(tags=["link"], dependencies=[Depends(require_token)], respons
              summary="Link one mention (JSON body, or multipart form with an image file)")
 async def link(request: Request, linker: LinkerDep, batcher: BatcherDep, settings: SettingsDep) -> LinkResponse:
     payload, image_bytes = await _read_link_request(request)
-    _check_ranking_limits(payload.top_k, payload.candidates_k, settings)
+    top_k, candidates_k = _ranking_sizes(payload, settings)
     image_bytes = image_bytes if image_bytes is not None else _base64_image(payload.image_base64, settings)
 
     async def work() -> LinkResponse:
         query = await run_in_threadpool(lambda: _valid_query(payload, _decoded_image(image_bytes, settings)))
-        result = await batcher.link(query, top_k=payload.top_k, candidates_k=payload.candidates_k)
+        result = await batcher.link(query, top_k=top_k, candidates_k=candidates_k)
         return await run_in_threadpool(
             lambda: link_response(result, linker.entities([c.qid for c in result.candidates])))
 
     return await await_with_timeout(work(), settings.request_timeout_s)
 
 
-@router.post("/link/batch", response_model=LinkBatchResponse, summary="Link several mentions in one call")
-async def link_batch(payload: LinkBatchRequest, linker: LinkerDep, settings: SettingsDep) -> LinkBatchResponse:
+@router.post("/link/batch", response_model=LinkBatchResponse, openapi_extra=_BATCH_BODY_DOC,
+             summary="Link several mentions in one call")
+async def link_batch(request: Request, linker: LinkerDep, settings: SettingsDep) -> LinkBatchResponse:
+    if _content_type(request) != "application/json":
+        raise _unsupported_media_type(request)
+    payload = _parsed_json(LinkBatchRequest, await request.body())
     if len(payload.queries) > settings.max_batch:
         raise HTTPException(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                             f"batch of {len(payload.queries)} queries is over this server's limit of "
                             f"{settings.max_batch}; split it")
-    _check_ranking_limits(payload.top_k, payload.candidates_k, settings)
+    top_k, candidates_k = _ranking_sizes(payload, settings)
     images = [_base64_image(query.image_base64, settings) for query in payload.queries]
 
     def work() -> LinkBatchResponse:
         queries = [_mention_query(query, _decoded_image(data, settings))
                    for query, data in zip(payload.queries, images, strict=True)]
-        results = linker.link_batch(queries, top_k=payload.top_k, candidates_k=payload.candidates_k)
+        results = linker.link_batch(queries, top_k=top_k, candidates_k=candidates_k)
         entities = linker.entities([c.qid for result in results for c in result.candidates])
         return LinkBatchResponse(results=[link_response(result, entities) for result in results])
 
@@ -94,16 +120,35 @@ async def link_batch(payload: LinkBatchRequest, linker: LinkerDep, settings: Set
 
 async def _read_link_request(request: Request) -> tuple[LinkRequest, bytes | None]:
     """The validated request and the raw bytes of an uploaded image (multipart only)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type == "application/json":
-        try:
-            return LinkRequest.model_validate_json(await request.body()), None
-        except ValidationError as error:
-            raise RequestValidationError(error.errors()) from None
+        return _parsed_json(LinkRequest, await request.body()), None
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _read_link_form(request)
-    raise HTTPException(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json or a form (multipart/form-data), "
-                        f"not {content_type or 'no content type'!r}")
+    raise _unsupported_media_type(request, "or a form (multipart/form-data)")
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _unsupported_media_type(request: Request, alternative: str = "") -> HTTPException:
+    sent = _content_type(request) or "no content type"
+    return HTTPException(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                         f"send application/json{' ' + alternative if alternative else ''}, not {sent!r}")
+
+
+def _parsed_json(model: type[RequestModel], body: bytes) -> RequestModel:
+    """`body` parsed and validated by pydantic in one pass (422 naming the problem).
+
+    pydantic's own JSON parser reports integers too large, nesting too deep and broken escapes as
+    validation errors; parsed first with `json.loads` (FastAPI's body parameters), those were a
+    bare 400.
+    """
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
 
 
 async def _read_link_form(request: Request) -> tuple[LinkRequest, bytes | None]:
@@ -144,13 +189,22 @@ def _form_value(key: str, value: str) -> str | int:
     return value
 
 
-def _check_ranking_limits(top_k: int, candidates_k: int, settings: ServerSettings) -> None:
-    if top_k > settings.max_top_k:
-        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY,
-                            f"top_k {top_k} is over this server's limit of {settings.max_top_k}")
-    if candidates_k > settings.max_candidates_k:
-        raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY,
-                            f"candidates_k {candidates_k} is over this server's limit of {settings.max_candidates_k}")
+def _ranking_sizes(payload: LinkRequest | LinkBatchRequest, settings: ServerSettings) -> tuple[int, int]:
+    """(top_k, candidates_k) for this request: 422 when the client asks for more than the server's limit.
+
+    A size the client did not send is the schema's default, lowered to the server's limit when that
+    is smaller: a server run with a small limit still answers requests that do not set the size.
+    """
+    sizes = []
+    for name, limit in (("top_k", settings.max_top_k), ("candidates_k", settings.max_candidates_k)):
+        value = getattr(payload, name)
+        if name not in payload.model_fields_set:
+            value = min(value, limit)
+        elif value > limit:
+            raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY,
+                                f"{name} {value} is over this server's limit of {limit}")
+        sizes.append(value)
+    return sizes[0], sizes[1]
 
 
 def _base64_image(encoded: str | None, settings: ServerSettings) -> bytes | None:
