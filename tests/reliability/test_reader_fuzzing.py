@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -475,6 +476,7 @@ def mutated_images(draw: st.DrawFn) -> bytes:
     return bytes(data[:cut]) + draw(st.sampled_from([b"", b"\x00" * 64, b"\xff" * 64]))
 
 
+@pytest.mark.filterwarnings("ignore:.*:UserWarning:PIL")   # PIL warns of the corrupt EXIF it skips
 @FUZZ
 @given(content=mutated_images())
 def test_a_broken_image_is_counted_as_no_image(content: bytes) -> None:
@@ -600,3 +602,119 @@ def test_a_data_file_that_is_no_regular_file_is_named_not_waited_on(kind: str, f
         _, error = refusal(box, lambda: load_dataset(box.root))
         assert error is not None, f"a {kind} as {file} was read as data"
         assert_names(error, target, record=None)
+
+
+# --- the hand-written corpus: each bug the fuzzing found, and the earlier fixes of issue 13, kept fixed -------
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record) + "\n").encode("utf-8")
+
+
+KB_LINE = _line({"qid": "Q1", "name": "One"})
+DATASET_INFO = b'{"name": "x", "format_version": 1, "splits": ["test"]}'
+MENTION_LINE = _line({"id": "m", "sentence": "One here", "surface": "One"})
+WIKIMEL_FILES = {"Wikidata-MEL.json": b"{}", "splits.json": b'{"train": []}', "ne2qid.json": b"{}",
+                 "qid2abs.json": b'{"Q1": "x"}'}
+READERS: dict[str, Callable[[Sandbox], Any]] = {
+    "kb.jsonl": lambda box: read_kb_jsonl(box.root / "kb.jsonl", root=box.root),
+    "mentions.jsonl": lambda box: read_mentions_jsonl(box.root / "mentions.jsonl", root=box.root),
+    "dataset": lambda box: load_dataset(box.root),
+    "mimic": lambda box: read_mimic_layout(box.root),
+    "wikimel": lambda box: prepare_wikimel(box.root, box.base / "prepared"),
+    "validate": lambda box: validate_dataset(load_dataset(box.root)),
+    "cache": lambda box: AnswerCache(box.root / "enrich.sqlite").get_many("caption", ["k"]),
+}
+
+
+@dataclass(frozen=True)
+class HostileFiles:
+    """Files put in the data root, the reader given them, and the refusal it must give (None: it must accept)."""
+
+    name: str
+    files: dict[str, bytes]
+    reader: str
+    refusal: str | None = None       # a fragment of the message
+    record: str | None = None        # the record the refusal must name
+
+
+READER_CORPUS = [
+    # found by the fuzzing above
+    HostileFiles("integer of 4,400 digits", {"kb.jsonl": b'{"qid": "Q1", "name": "x", "extra": {"n": '
+                                                         + b"9" * 4_400 + b"}}\n"}, "kb.jsonl", "digits", "line 1"),
+    HostileFiles("nesting 3,000 deep", {"kb.jsonl": KB_LINE + b"[" * 3_000 + b"\n"}, "kb.jsonl", "nested", "line 2"),
+    HostileFiles("nesting in a whole-file JSON", {"kb_entity.json": b"[" * 3_000}, "mimic", "nested"),
+    HostileFiles("lone surrogate escape", {"kb.jsonl": b'{"qid": "Q1", "name": "\\ud800"}\n'}, "kb.jsonl", "surrogate",
+                 "line 1"),
+    HostileFiles("lone surrogate in a list file", {"kb_entity.json": b'[{"id": 0, "entity_name": "a"}, {"id": 1, '
+                                                                     b'"entity_name": "\\udc00 b"}]'},
+                 "mimic", "surrogate", "#1"),
+    HostileFiles("surrogate pair escape (an emoji)", {"kb.jsonl": b'{"qid": "Q1", "name": "\\ud83d\\ude00"}\n'},
+                 "kb.jsonl"),
+    HostileFiles("NUL in an image path", {"kb.jsonl": _line({"qid": "Q1", "name": "x", "images": ["a\x00.png"]})},
+                 "kb.jsonl", "NUL", "line 1"),
+    HostileFiles("NUL in a split name", {"dataset.json": b'{"name": "x", "format_version": 1, "splits": ["a\\u0000"]}',
+                                         "kb.jsonl": KB_LINE}, "dataset", "control characters"),
+    HostileFiles("split name of 300 bytes", {"dataset.json": b'{"name": "x", "format_version": 1, "splits": ["'
+                                                             + b"a" * 300 + b'"]}', "kb.jsonl": KB_LINE},
+                 "dataset", "at most 100 bytes"),
+    HostileFiles("empty QID in qid2abs.json", {**WIKIMEL_FILES, "qid2abs.json": b'{"": "x"}'}, "wikimel", "empty QID",
+                 "''"),
+    HostileFiles("split of splits.json that is no list", {**WIKIMEL_FILES, "splits.json": b'{"train": null}'},
+                 "wikimel", "list of sample ids", "train"),
+    HostileFiles("split of splits.json that is no file name", {**WIKIMEL_FILES, "splits.json": b'{"../x": []}'},
+                 "wikimel", "plain file name", "../x"),
+    HostileFiles("SQLite file of another program as the cache", {"enrich.sqlite": b"sqlite-other-schema"}, "cache",
+                 "not an enrichment cache"),
+    # fixed earlier in issue 13
+    HostileFiles("image path out of the root", {"kb.jsonl": _line({"qid": "Q1", "name": "x",
+                                                                    "images": ["../outside/secret.png"]})},
+                 "kb.jsonl", "escapes", "line 1"),
+    HostileFiles("image symlink out of the root", {"kb.jsonl": _line({"qid": "Q1", "name": "x",
+                                                                      "images": ["out_link.png"]})},
+                 "kb.jsonl", "escapes", "line 1"),
+    HostileFiles("invalid UTF-8", {"kb.jsonl": KB_LINE + b'{"qid": "Q2", "name": "\xff"}\n'}, "kb.jsonl", "UTF-8",
+                 "line 2"),
+    HostileFiles("UTF-8 BOM", {"kb.jsonl": b"\xef\xbb\xbf" + KB_LINE}, "kb.jsonl"),
+    HostileFiles("repeated mention ids", {"mentions.jsonl": MENTION_LINE * 3}, "mentions.jsonl"),
+    HostileFiles("mention image that is a FIFO", {"dataset.json": DATASET_INFO, "kb.jsonl": KB_LINE,
+                                                  "mentions/test.jsonl": _line({"id": "m", "sentence": "One", "surface":
+                                                                                "One", "image": "pipe.png"})},
+                 "validate"),
+    HostileFiles("span on a sentence that lower() lengthens", {
+        "kb_entity.json": b'[{"id": 0, "entity_name": "Mercury"}]',
+        "WIKIMEL_test.json": json.dumps([{"id": "s", "mentions": "mercury", "sentence": "İİ Mercury sang.",
+                                          "imgPath": "", "answer": "nil"}]).encode()}, "mimic"),
+]
+
+
+@pytest.mark.parametrize("case", READER_CORPUS, ids=[case.name for case in READER_CORPUS])
+def test_reader_corpus(case: HostileFiles) -> None:
+    with sandbox() as box:
+        for relative, content in case.files.items():
+            (box.root / relative).parent.mkdir(parents=True, exist_ok=True)
+            if content == b"sqlite-other-schema":
+                _write_cache_file(box.root / relative, "sqlite-other-schema")
+            else:
+                (box.root / relative).write_bytes(content)
+        result, error = refusal(box, lambda: READERS[case.reader](box))
+        if case.refusal is None:
+            assert error is None, f"refused: {error}"
+            _check_accepted(box, case.reader, result)
+            return
+        assert error is not None, "accepted"
+        assert isinstance(error, DataError) and case.refusal in str(error), error
+        if case.record is not None:
+            assert str(error.record) == case.record, error
+
+
+def _check_accepted(box: Sandbox, reader: str, result: Any) -> None:
+    """What each accepted corpus case must give: usable data, with ids made unique and spans on the original text."""
+    if reader == "mentions.jsonl":
+        assert [mention.id for mention in result] == ["m", "m#2", "m#3"]   # unique, so a resumed run skips none
+    elif reader == "mimic":
+        mention = result.split("test")[0]
+        assert mention.sentence[mention.span[0]:mention.span[1]] == "Mercury"
+    elif reader == "validate":
+        assert result.mention_images.problems == {"not a regular file": 1}
+    elif reader == "kb.jsonl":
+        assert len(result) == 1 and result[0].qid == "Q1"
