@@ -5,13 +5,17 @@ store) or an `ItemTable` (texts and images, encoded on the fly by a trainable ba
 training batch pairs B mentions with the KB rows of their gold entities; the other B - 1 gold
 entities are the negatives (in-batch negatives, models.md §1.7). NIL mentions and mentions whose
 gold entity is not in the KB cannot be trained or ranked: they are skipped and counted.
+
+On several processes (data-parallel training), `GlobalBatchSampler` cuts the same global batches
+as one process would and gives each process a contiguous share; `MelSystem` gathers the shares
+back into the whole batch, so the in-batch negatives do not depend on the number of processes.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from mmel.core.errors import UsageError
 from mmel.core.features import FeatureBatch, unit_rows
@@ -146,12 +150,14 @@ class TrainBatch:
     mentions: ModelInput      # B mentions
     entities: ModelInput      # their B gold entities in the same order (labels = arange(B)), then any hard negatives
     entity_ids: torch.Tensor  # [N] int64 KB row of each entity column (tells duplicates apart)
+    padding: bool = False     # a stand-in share of a process that the last global batch left without a row
 
     def __len__(self) -> int:
         return len(self.mentions)
 
     def to(self, device: torch.device | str) -> TrainBatch:
-        return TrainBatch(self.mentions.to(device), self.entities.to(device), self.entity_ids.to(device))
+        return TrainBatch(self.mentions.to(device), self.entities.to(device), self.entity_ids.to(device),
+                          self.padding)
 
 
 @dataclass
@@ -161,6 +167,74 @@ class DevBatch:
 
     def to(self, device: torch.device | str) -> DevBatch:
         return DevBatch(self.mentions.to(device), self.gold_rows)
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """One process's share of a global training batch: positions in the data module's training rows."""
+
+    positions: np.ndarray     # [b] int64
+    padding: bool = False     # True: a stand-in row that only lets the process take part in the step
+
+
+class GlobalBatchSampler(Sampler[BatchShare]):
+    """The same global batches on any number of processes, each process drawing a contiguous share.
+
+    Every epoch shuffles the `num_rows` training rows with a generator seeded by `seed + epoch`
+    (Lightning calls `set_epoch`), cuts that order into global batches of `batch_size` (the last
+    one may be shorter) and gives process `rank` the rank-th of `num_processes` contiguous, nearly
+    equal parts of each. Joined in process order the parts are the batch one process draws, so the
+    batches are the same whatever the number of processes, and a resumed epoch repeats its order.
+
+    Every process gets the same number of batches, because each step waits for all of them. When
+    a last batch has fewer rows than there are processes, a process left without a row gets the
+    batch's first row marked as padding: it takes part in the step and contributes nothing.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, *, num_processes: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True):
+        if batch_size < num_processes:
+            raise UsageError(f"data.batch_size ({batch_size}) is the global batch and must hold at least one "
+                             f"mention per process ({num_processes} processes)")
+        if not 0 <= rank < num_processes:
+            raise UsageError(f"process rank {rank} is outside 0..{num_processes - 1}")
+        self.num_rows = num_rows
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[BatchShare]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_rows, generator=generator).numpy()
+        else:
+            order = np.arange(self.num_rows)
+        for start in range(0, self.num_rows, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            share = np.array_split(batch, self.num_processes)[self.rank]
+            yield BatchShare(share) if len(share) else BatchShare(batch[:1], padding=True)
+
+
+class _ShareRows(torch.utils.data.Dataset):
+    """Maps a BatchShare to the training-file rows it stands for (the loader's 'dataset')."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, share: BatchShare) -> tuple[np.ndarray, bool]:
+        return self.rows[share.positions], share.padding
 
 
 @dataclass
@@ -182,9 +256,13 @@ class MelDataModule(L.LightningDataModule):
     def __init__(self, entities: InputTable, train: LinkedSplit, dev: LinkedSplit | None, *,
                  data: DataSection | None = None, validation: ValidationSection | None = None,
                  train_entities: InputTable | None = None, entity_names: Sequence[str] | None = None,
-                 entity_texts: Sequence[str] | None = None):
-        """`entity_names` / `entity_texts` (KB row order) are needed by name-mined / TF-IDF negatives only."""
+                 entity_texts: Sequence[str] | None = None, seed: int = 0):
+        """`entity_names` / `entity_texts` (KB row order) are needed by name-mined / TF-IDF negatives only.
+
+        `seed` fixes the training order (shuffled afresh every epoch from seed + epoch).
+        """
         super().__init__()
+        self.seed = seed
         self.entity_names = entity_names
         self.entity_texts = entity_texts
         self.tfidf_sampler: TfidfNegativeSampler | None = None
@@ -254,22 +332,51 @@ class MelDataModule(L.LightningDataModule):
             usable = np.sort(generator.choice(usable, size=limit, replace=False))
         return usable, {**counts, "ranked": len(usable)}
 
+    def _processes(self) -> tuple[int, int]:
+        """(number of processes, this process's rank): (1, 0) outside a distributed trainer."""
+        trainer = self.trainer
+        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
     def train_dataloader(self) -> DataLoader:
+        """This process's shares of the global batches (`GlobalBatchSampler`), one share per step."""
         workers = self.data_config.num_workers
-        return DataLoader(self.train_rows.tolist(), batch_size=self.data_config.batch_size, shuffle=True,
-                          collate_fn=self.collate_train, num_workers=workers, persistent_workers=workers > 0)
+        num_processes, rank = self._processes()
+        sampler = GlobalBatchSampler(len(self.train_rows), self.data_config.batch_size, num_processes=num_processes,
+                                     rank=rank, seed=self.seed)
+        return DataLoader(_ShareRows(self.train_rows), sampler=sampler, batch_size=None,
+                          collate_fn=self._collate_share, num_workers=workers, persistent_workers=workers > 0)
+
+    @property
+    def dev_split_across_processes(self) -> bool:
+        """Whether each process ranks its own part of the dev mentions (else every process ranks them all).
+
+        Only when every process gets at least one: a process without a dev batch would skip the
+        validation hooks and leave the others waiting for its ranks.
+        """
+        num_processes = self._processes()[0]
+        return 1 < num_processes <= len(self.dev_rows)
 
     def val_dataloader(self) -> DataLoader:
+        """This process's contiguous part of the dev mentions (see `dev_split_across_processes`)."""
         if self.dev_split is None:
             return []
-        return DataLoader(self.dev_rows.tolist(), batch_size=self.validation_config.mention_batch_size,
+        rows = self.dev_rows
+        if self.dev_split_across_processes:
+            num_processes, rank = self._processes()
+            rows = np.array_split(rows, num_processes)[rank]
+        return DataLoader(rows.tolist(), batch_size=self.validation_config.mention_batch_size,
                           shuffle=False, collate_fn=self.collate_dev, num_workers=self.data_config.num_workers)
 
     def transfer_batch_to_device(self, batch: TrainBatch | DevBatch, device: torch.device,
                                  dataloader_idx: int) -> TrainBatch | DevBatch:
         return batch.to(device)
 
-    def collate_train(self, rows: list[int]) -> TrainBatch:
+    def _collate_share(self, item: tuple[np.ndarray, bool]) -> TrainBatch:
+        rows, padding = item
+        return self.collate_train(rows, padding=padding)
+
+    def collate_train(self, rows: Sequence[int] | np.ndarray, *, padding: bool = False) -> TrainBatch:
+        """Training-file rows -> their mentions, gold entities (and hard negatives) as one batch."""
         columns = self.train_split.gold_rows[rows]
         if self.tfidf_sampler is not None:
             # drawn from torch's generator, so Lightning's seed (and its worker seeding) decides them
@@ -281,7 +388,7 @@ class MelDataModule(L.LightningDataModule):
             picks = torch.rand(pools.shape).argsort(dim=1)[:, :self.data_config.hard_negatives].numpy()
             columns = np.concatenate([columns, np.take_along_axis(pools, picks, axis=1).ravel()])
         return TrainBatch(mentions=self.train_split.table.gather(rows), entities=self.train_entities.gather(columns),
-                          entity_ids=torch.from_numpy(columns))
+                          entity_ids=torch.from_numpy(columns), padding=padding)
 
     def collate_dev(self, rows: list[int]) -> DevBatch:
         split = self.dev_split
@@ -327,5 +434,5 @@ def _warn_skipped(split: str, counts: dict[str, int]) -> None:
                        split, counts["nil"], counts["gold_not_in_kb"], counts["mentions"])
 
 
-__all__ = ["DataCounts", "DevBatch", "InputTable", "ItemBatch", "ItemTable", "LinkedSplit", "MelDataModule",
-           "ModelInput", "TrainBatch"]
+__all__ = ["BatchShare", "DataCounts", "DevBatch", "GlobalBatchSampler", "InputTable", "ItemBatch", "ItemTable",
+           "LinkedSplit", "MelDataModule", "ModelInput", "TrainBatch"]

@@ -95,7 +95,11 @@ def render_model_card(model: MelModel, info: ExportInfo, *, metrics: dict[str, f
 
 
 class BestModelExporter(L.Callback):
-    """Export the model whenever the monitored dev metric improves (and the last weights if none ran)."""
+    """Export the model whenever the monitored dev metric improves (and the last weights if none ran).
+
+    On several processes every one tracks the best metric (they all hold the same), and only the
+    first writes the checkpoint.
+    """
 
     def __init__(self, directory: Path, info: ExportInfo, *, monitor: str = MONITOR):
         self.directory = Path(directory)
@@ -113,10 +117,11 @@ class BestModelExporter(L.Callback):
         self.best, self.best_epoch = value, trainer.current_epoch
         metrics = {name.removeprefix("val/"): float(tensor) for name, tensor in trainer.callback_metrics.items()
                    if name.startswith("val/")}
-        self._export(pl_module, metrics, f"best {self.monitor} = {value:.4f} at epoch {trainer.current_epoch + 1}")
+        if trainer.is_global_zero:
+            self._export(pl_module, metrics, f"best {self.monitor} = {value:.4f} at epoch {trainer.current_epoch + 1}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.best is None:
+        if self.best is None and trainer.is_global_zero:
             self._export(pl_module, {}, f"last epoch ({trainer.current_epoch}); no validation ran")
 
     def _export(self, pl_module: L.LightningModule, metrics: dict[str, float], selection: str) -> None:

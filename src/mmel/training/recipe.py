@@ -23,6 +23,11 @@ from mmel.core.paths import atomic_write_text
 RECIPE_SUFFIX = ".yaml"
 HARD_NEGATIVE_SOURCES = ("dense", "name", "tfidf")
 SCHEDULES = ("constant", "linear")
+# Lightning strategies a run supports: "auto" (one device, or "ddp" on several) and "ddp", which
+# runs the same command once per device. Spawned or forked workers ("ddp_spawn", "ddp_fork",
+# "ddp_notebook") return nothing to the process that starts them, so such a run could not export
+# its best checkpoint or write its summary.
+STRATEGIES = ("auto", "ddp")
 
 
 @dataclass
@@ -49,7 +54,10 @@ class DataSection(ConfigBase):
     train_split: str = "train"
     dev_split: str = "dev"
     train_fraction: float = 1.0    # keep the FIRST fraction of the training file (low-resource runs, §1.10)
-    batch_size: int = 128          # §1.8; in-batch negatives, so also the number of candidates per row
+    # §1.8; in-batch negatives, so also the number of candidates per row. The GLOBAL batch: with
+    # several devices each process loads a share of it and the entities are gathered across
+    # processes, so every mention still meets all batch_size gold entities (same objective).
+    batch_size: int = 128
     num_workers: int = 0
     # mmel option, not in the paper (0 = the paper's in-batch negatives only): extra entity columns per
     # mention, drawn from the `hard_negative_pool` entities nearest to the mention by the frozen
@@ -90,6 +98,16 @@ class OptimizerSection(ConfigBase):
 
 @dataclass
 class TrainerSection(ConfigBase):
+    """Lightning trainer settings. `strategy`, `devices` and `num_nodes` spread a run over processes.
+
+    With `devices` > 1 or `num_nodes` > 1, every process trains on its share of each global batch
+    (`data.batch_size` mentions) and the model sees the whole batch's entities, gathered across
+    processes with their gradients: the objective, the loss curve and the weights are those of one
+    process with the same batch (up to float rounding; dropout and random hard negatives are drawn
+    per process). `mmel train` started once runs one process per device ("ddp"); on several
+    nodes, start it on each with MASTER_ADDR, MASTER_PORT and NODE_RANK set (or under SLURM).
+    """
+
     max_epochs: int = 20                 # §1.8
     check_val_every_n_epoch: int = 2     # §1.8
     early_stopping_patience: int = 3     # in validation runs, min_delta 0 (§1.8)
@@ -97,11 +115,22 @@ class TrainerSection(ConfigBase):
     deterministic: bool = True           # §1.8
     num_threads: int = 0                 # torch CPU threads; 0 keeps torch's default
     accelerator: str = "auto"
+    strategy: str = "auto"               # one of STRATEGIES; "auto" is "ddp" when there are several devices
+    devices: int = 1                     # devices (processes) per node; -1 = every device of the accelerator
+    num_nodes: int = 1
     precision: str = "32-true"           # fp32 (§1.8)
     gradient_clip_val: float = 0.0       # gradient-norm clipping, 0 = none (§1.8); DIM clips at 1.0 (§4.5)
     num_sanity_val_steps: int = 0        # a sanity pass would encode the whole KB once more
     log_every_n_steps: int = 10
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.devices == 0 or self.devices < -1:
+            raise ConfigError(f"trainer.devices must be a positive number of devices or -1 (all), got {self.devices}")
+        if self.num_nodes < 1:
+            raise ConfigError(f"trainer.num_nodes must be >= 1, got {self.num_nodes}")
 
 
 @dataclass
@@ -212,5 +241,5 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
-__all__ = ["BackboneSection", "DataSection", "ModelSection", "OptimizerSection", "Recipe", "TrainerSection",
-           "ValidationSection", "available_recipes", "load_recipe", "save_recipe"]
+__all__ = ["STRATEGIES", "BackboneSection", "DataSection", "ModelSection", "OptimizerSection", "Recipe",
+           "TrainerSection", "ValidationSection", "available_recipes", "load_recipe", "save_recipe"]

@@ -7,6 +7,9 @@ A run directory holds:
     best/                        the exported checkpoint: config.json, model.safetensors, README.md
     training_curve.png           loss and dev metrics
     summary.json                 counts of used and skipped mentions, best dev MRR, wall time
+
+On several devices (`trainer.devices`, `trainer.num_nodes`, strategy "ddp") Lightning runs the same
+command once per device; every process trains, and only the first writes the run directory.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 
 from mmel.backbones import load_backbone
 from mmel.core.config import ConfigError
@@ -35,7 +39,7 @@ from mmel.models.base import MelModel
 from mmel.training.datamodule import DataCounts, ItemTable, LinkedSplit, MelDataModule
 from mmel.training.export import BestModelExporter, ExportInfo
 from mmel.training.plots import plot_training_curve
-from mmel.training.recipe import ModelSection, Recipe, save_recipe
+from mmel.training.recipe import ModelSection, Recipe, TrainerSection, save_recipe
 from mmel.training.system import MONITOR, BackboneEncoder, MelSystem
 
 logger = logging.getLogger(__name__)
@@ -128,7 +132,7 @@ def _datamodule(recipe: Recipe, dataset: Dataset, entities: Any, tables: dict[st
         logger.warning("dataset %s has no split %r: training without validation or early stopping",
                        dataset.name, dev_split)
     return MelDataModule(entities, LinkedSplit.from_dataset(dataset, train_split, tables[train_split]), dev,
-                         data=recipe.data, validation=recipe.validation,
+                         data=recipe.data, validation=recipe.validation, seed=recipe.trainer.seed,
                          entity_names=[entity.name for entity in dataset.kb],
                          entity_texts=[entity.text("description") for entity in dataset.kb], **options)
 
@@ -212,7 +216,6 @@ def fit(model: MelModel, datamodule: MelDataModule, recipe: Recipe, out_dir: Pat
     if not resume and last.is_file():
         raise MmelError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, out_dir / "recipe.yaml")
     start = time.perf_counter()
     system = MelSystem(model, recipe.optimizer, validation=recipe.validation, encoder=encoder,
                        progress=recipe.trainer.progress)
@@ -220,20 +223,28 @@ def fit(model: MelModel, datamodule: MelDataModule, recipe: Recipe, out_dir: Pat
     datamodule.setup("fit")
     info.data.update(train=datamodule.counts.train, dev=datamodule.counts.dev)
     trainer = _trainer(recipe, out_dir, exporter, with_validation=datamodule.dev_split is not None)
+    if trainer.is_global_zero:
+        save_recipe(recipe, out_dir / "recipe.yaml")
     trainer.fit(system, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     wall = time.perf_counter() - start
-    curve = _plot(out_dir, recipe)
+    curve = _plot(out_dir, recipe) if trainer.is_global_zero else None
     result = TrainResult(run_dir=out_dir, best_dir=out_dir / "best", best_mrr=exporter.best,
                          best_epoch=None if exporter.best_epoch is None else exporter.best_epoch + 1,
                          epochs_run=trainer.current_epoch, counts=datamodule.counts, wall_time_s=wall, curve_png=curve)
-    atomic_write_json(out_dir / "summary.json", {**asdict(result), "run_dir": str(out_dir),
-                                                 "best_dir": str(result.best_dir), "curve_png": str(curve),
-                                                 "image_problems": _image_problems(datamodule)})
+    image_problems = _image_problems(datamodule)
+    if trainer.is_global_zero:
+        atomic_write_json(out_dir / "summary.json", {**asdict(result), "run_dir": str(out_dir),
+                                                     "best_dir": str(result.best_dir), "curve_png": str(curve),
+                                                     "image_problems": image_problems})
     return result
 
 
 def _image_problems(datamodule: MelDataModule) -> dict[str, str]:
-    """Unusable image files met while loading raw items (end-to-end runs), per table, as counted summaries."""
+    """Unusable image files met while loading raw items (end-to-end runs), per table, as counted summaries.
+
+    Each process counts (and logs) the images it loaded; on several processes the summary file holds
+    the first process's counts.
+    """
     tables = {"kb": datamodule.entities, "kb (training)": datamodule.train_entities,
               "train": datamodule.train_split.table}
     if datamodule.dev_split is not None:
@@ -253,13 +264,30 @@ def _trainer(recipe: Recipe, out_dir: Path, exporter: BestModelExporter, *, with
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=config.early_stopping_patience,
                                        min_delta=0.0))
     session = 1 + sum(1 for _ in (out_dir / "logs").glob("session-*"))
+    # the data module draws every process's share of the same global batches (GlobalBatchSampler) itself
     return L.Trainer(max_epochs=config.max_epochs, check_val_every_n_epoch=config.check_val_every_n_epoch,
-                     accelerator=config.accelerator, precision=config.precision, deterministic=config.deterministic,
+                     accelerator=config.accelerator, strategy=_strategy(config), devices=config.devices,
+                     num_nodes=config.num_nodes, use_distributed_sampler=False,
+                     precision=config.precision, deterministic=config.deterministic,
                      num_sanity_val_steps=config.num_sanity_val_steps, log_every_n_steps=config.log_every_n_steps,
                      gradient_clip_val=config.gradient_clip_val or None,
                      enable_progress_bar=config.progress, enable_model_summary=False, default_root_dir=out_dir,
                      logger=CSVLogger(save_dir=out_dir, name="logs", version=f"session-{session}"),
                      callbacks=callbacks)
+
+
+def _strategy(config: TrainerSection) -> str | DDPStrategy:
+    """Lightning's strategy for the recipe: one process, or DDP with one process per device.
+
+    DDP is told to look for unused parameters: models keep release parameters that no score reads
+    (MIMIC's CMFU `context_layer_norm`, CLIP's `logit_scale` in end-to-end runs), which it would
+    otherwise refuse. "auto" is never left to Lightning on several devices, since in a notebook it
+    would fork workers that return nothing to this process (see recipe.STRATEGIES).
+    """
+    several = config.devices != 1 or config.num_nodes > 1
+    if config.strategy == "ddp" or several:
+        return DDPStrategy(find_unused_parameters=True)
+    return config.strategy
 
 
 def _plot(out_dir: Path, recipe: Recipe) -> Path | None:

@@ -8,10 +8,15 @@ Two ways to get features, one system:
 Validation is the release's protocol (§1.9): encode the whole KB once per validation run (the
 entity-side cache of the model), then rank each dev mention against every entity and log dev
 MRR and Hits@k (`val/mrr`, `val/hits@1`, ...), with ties counted against the gold entity.
+
+On several processes, each trains on its share of every global batch against the whole batch's
+entities (`mmel.training.data_parallel`), and ranks its part of the dev mentions; the ranks are
+gathered before the metrics, so both the objective and the dev metrics are those of one process.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning as L
@@ -21,10 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmel.backbones.base import Backbone
+from mmel.core.errors import UsageError
 from mmel.core.features import FeatureBatch
 from mmel.evaluation import rank_full_kb, ranking_metrics, ranks_from_counts
 from mmel.features.encoding import encode_items
 from mmel.models.base import MelModel
+from mmel.models.outputs import MatchOutput
+from mmel.training.data_parallel import gather_train_batch, gather_varying_rows
 from mmel.training.datamodule import DevBatch, InputTable, ItemBatch, ModelInput, TrainBatch
 from mmel.training.recipe import OptimizerSection, ValidationSection
 
@@ -82,17 +90,52 @@ class MelSystem(L.LightningModule):
     # --- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """Backbones load in eval mode; training mode is what the release trains in (Lightning's model.train())."""
+        if self.trainer.world_size > 1 and "rows" not in inspect.signature(self.model.forward).parameters:
+            raise UsageError(f"{type(self.model).__name__}.forward takes no `rows`, so it cannot score a share of a "
+                             "batch: train it on one device (trainer.devices=1, trainer.num_nodes=1)")
+        if self.trainer.world_size > 1:
+            # Every process was seeded alike (the same initial weights); from here on their random draws
+            # (dropout, hard negatives, image choice) must differ, or each share would repeat the others' draws.
+            L.seed_everything(torch.initial_seed() + self.global_rank, workers=True, verbose=False)
         self.train()
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
         mentions, entities = self.featurize(batch.mentions), self.featurize(batch.entities)
-        labels = torch.arange(len(batch), device=batch.entity_ids.device)  # gold entity i is column i (§1.7)
-        output = self.model(mentions, entities, labels=labels, entity_ids=batch.entity_ids)
-        size = len(batch)
-        self.log("train/loss", output.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
-        for unit, value in output.unit_losses.items():
-            self.log(f"train/loss_{unit}", value, on_step=False, on_epoch=True, batch_size=size)
-        return output.loss
+        if self.trainer.world_size == 1:
+            labels = torch.arange(len(batch), device=batch.entity_ids.device)  # gold entity i is column i (§1.7)
+            output = self.model(mentions, entities, labels=labels, entity_ids=batch.entity_ids)
+            return self._log_losses(output.loss, output.unit_losses, len(batch))
+        output, batch_size = self._share_of_global_batch(mentions, entities, batch)
+        return self._log_losses(output.loss, output.unit_losses, batch_size)
+
+    def _share_of_global_batch(self, mentions: FeatureBatch, entities: FeatureBatch, batch: TrainBatch
+                               ) -> tuple[MatchOutput, int]:
+        """This process's mentions scored against the whole global batch's entities (several processes).
+
+        The model returns this share's part of the batch loss; it is scaled by the number of
+        processes because DDP averages their gradients (see `mmel.training.data_parallel`), and by
+        0 for a padding share, which still runs the same collectives as the others.
+        """
+        whole = gather_train_batch(lambda tensor: self.all_gather(tensor, sync_grads=True), self.global_rank,
+                                   mentions, entities, batch.entity_ids, padding=batch.padding)
+        labels = torch.arange(len(whole.mentions), device=whole.entity_ids.device)
+        output = self.model(whole.mentions, whole.entities, labels=labels, entity_ids=whole.entity_ids,
+                            rows=whole.rows)
+        scale = self.trainer.world_size * whole.weight
+        output.loss = output.loss * scale
+        output.unit_losses = {unit: value * scale for unit, value in output.unit_losses.items()}
+        return output, len(whole.mentions)
+
+    def _log_losses(self, loss: torch.Tensor, unit_losses: dict[str, torch.Tensor], batch_size: int
+                    ) -> torch.Tensor:
+        """Log the batch loss; on several processes, the mean of their scaled shares is the batch loss."""
+        synced = self.trainer.world_size > 1
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size,
+                 sync_dist=synced)
+        for unit, value in unit_losses.items():
+            self.log(f"train/loss_{unit}", value, on_step=False, on_epoch=True, batch_size=batch_size,
+                     sync_dist=synced)
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """AdamW (§1.8); names containing a `no_decay` substring get weight decay 0.
@@ -152,13 +195,24 @@ class MelSystem(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._entity_cache = None
-        if not self._rank_counts:
+        greater, tied = self._all_rank_counts()
+        if len(greater) == 0:
             return
-        greater = np.concatenate([counts[0] for counts in self._rank_counts])
-        tied = np.concatenate([counts[1] for counts in self._rank_counts])
         metrics = ranking_metrics(ranks_from_counts(greater, tied))
         for name, value in metrics.items():
-            self.log(f"val/{name}", value, prog_bar=name in ("mrr", "hits@1"), batch_size=len(greater))
+            # every process holds the same metrics (all dev mentions' counts), so syncing them changes nothing
+            self.log(f"val/{name}", value, prog_bar=name in ("mrr", "hits@1"), batch_size=len(greater),
+                     sync_dist=self.trainer.world_size > 1)
+
+    def _all_rank_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """[M] counts of entities scored above / tied with the gold, for the dev mentions of every process."""
+        counts = [np.concatenate([pair[part] for pair in self._rank_counts]) if self._rank_counts
+                  else np.zeros(0, dtype=np.int64) for part in (0, 1)]
+        if not self.trainer.datamodule.dev_split_across_processes:
+            return counts[0], counts[1]
+        local = torch.as_tensor(np.stack(counts, axis=1).astype(np.int64), device=self.device)   # [m, 2]
+        gathered = gather_varying_rows(self.all_gather, local).cpu().numpy()                        # [M, 2]
+        return gathered[:, 0], gathered[:, 1]
 
 
 __all__ = ["MONITOR", "BackboneEncoder", "MelSystem"]
