@@ -19,10 +19,17 @@ def train(
     features: Annotated[Path | None, typer.Option("--features", help="Feature store directory (frozen-backbone "
                                                                      "recipes).")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a recipe key, e.g. --set trainer.max_epochs=3 (repeatable).")] = None,
+        "--set", help="Override a recipe key, e.g. --set trainer.max_epochs=3 (repeatable). Several devices: "
+                      "--set trainer.devices=4 (--set trainer.num_nodes=N on a cluster); data.batch_size stays "
+                      "the global batch.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last epoch.")] = False,
 ) -> None:
-    """Train a model (MIMIC) from a recipe; the best checkpoint by dev MRR is exported to OUT/best."""
+    """Train a model from a recipe; the best checkpoint by dev MRR is exported to OUT/best.
+
+    With --set trainer.devices=N (N > 1) the command runs once per device (Lightning's DDP starts
+    the others): each process trains on its share of every batch against the whole batch's
+    entities, gathered across devices, so the objective is the same as on one device.
+    """
     # imported here, not at module level: Lightning takes seconds to import and other commands need none of it
     from mmel.training.recipe import load_recipe
     from mmel.training.run import train as run_training
