@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from mmel.cli.choices import FirstStageName
+from mmel.cli.engines import EngineName, EngineOption, RayAddressOption, WorkersOption, open_engine
 from mmel.cli.errors import exit_on_user_errors
 from mmel.core.paths import atomic_write_text
 
@@ -53,8 +54,15 @@ def build(
         min=0.0, help="Weight of the surface-name match added to reranker scores (default: the weight tuned "
                       "into the checkpoint by `mmel tune-name-prior`, else 0).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    engine: EngineOption = EngineName.local,
+    workers: WorkersOption = None,
+    ray_address: RayAddressOption = None,
 ) -> None:
-    """Build an index: entity vectors (FAISS), BM25, entity metadata (SQLite) and the reranker's entity cache."""
+    """Build an index: entity vectors (FAISS), BM25, entity metadata (SQLite) and the reranker's entity cache.
+
+    With --engine ray, workers encode the entities' reranker cache and vectors shard by shard (each
+    writes its rows into the index being built); FAISS training and adding run here, as without it.
+    """
     from mmel.data import load_dataset
     from mmel.retrieval.index_build import IndexBuildConfig, build_index
 
@@ -64,8 +72,9 @@ def build(
                                   ivf_codes=ivf_codes, recall_target=recall_target,
                                   cache_dtype=cache_dtype,
                                   name_prior_weight=name_prior_weight)
-        report = build_index(load_dataset(dataset), model, out, config=config, features_store=features,
-                             progress=not quiet)
+        with open_engine(engine, workers, ray_address) as runner:
+            report = build_index(load_dataset(dataset), model, out, config=config, features_store=features,
+                                 progress=not quiet, engine=runner)
     typer.echo(report.summary())
 
 
