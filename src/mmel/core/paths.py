@@ -76,11 +76,13 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, never half of it.
 
-    A kill before the rename leaves a `.<name>.<random>.tmp` sibling; `remove_stale_temporaries`
-    (called by the owner of the directory, e.g. an index's recovery) removes it.
+    One writer per `path` at a time: a kill before the rename leaves a `.<name>.<random>.tmp`
+    sibling, which the next write of `path` removes (as does `remove_stale_temporaries`, called by
+    the owner of a directory, e.g. an index's recovery).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode
