@@ -90,10 +90,10 @@ class MelSystem(L.LightningModule):
     # --- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """Backbones load in eval mode; training mode is what the release trains in (Lightning's model.train())."""
-        if self.trainer.world_size > 1 and "rows" not in inspect.signature(self.model.forward).parameters:
-            raise UsageError(f"{type(self.model).__name__}.forward takes no `rows`, so it cannot score a share of a "
-                             "batch: train it on one device (trainer.devices=1, trainer.num_nodes=1)")
         if self.trainer.world_size > 1:
+            if "rows" not in inspect.signature(self.model.forward).parameters:
+                raise UsageError(f"{type(self.model).__name__}.forward takes no `rows`, so it cannot score a share "
+                                 "of a batch: train it on one device (trainer.devices=1, trainer.num_nodes=1)")
             # Every process was seeded alike (the same initial weights); from here on their random draws
             # (dropout, hard negatives, image choice) must differ, or each share would repeat the others' draws.
             L.seed_everything(torch.initial_seed() + self.global_rank, workers=True, verbose=False)
