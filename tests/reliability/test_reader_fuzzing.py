@@ -169,6 +169,12 @@ def assert_names(error: MmelError, file: Path, *, record: re.Pattern[str] | None
             f"names no record (expected {record.pattern}): {error}"
 
 
+def test_the_watch_sees_a_file_opened_outside_the_root() -> None:
+    """The harness itself: reading through a symlink out of the root is caught (else "nothing read" proves nothing)."""
+    with sandbox() as box, pytest.raises(AssertionError, match="opened outside the data root"):
+        run_reader(box, lambda: (box.root / "out_link.png").read_bytes())
+
+
 # --- hostile values -------------------------------------------------------------------------------------
 
 HOSTILE_PATHS = st.sampled_from([
