@@ -50,7 +50,7 @@ class NpyRowWriter:
 
     def write(self, start: int, rows: np.ndarray) -> None:
         """Put `rows` (converted to the file's dtype) at rows [start, start + len(rows))."""
-        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        rows = np.ascontiguousarray(np.asarray(rows), dtype=self.dtype)
         if rows.shape[1:] != self.shape[1:] or not 0 <= start <= start + len(rows) <= self.shape[0]:
             raise ValueError(f"{self.path}: rows of shape {rows.shape} do not fit at row {start} of {self.shape}")
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import re
 import shutil
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,13 +101,25 @@ class SegmentFiles:
 
     def write(self, start: int, cache: Any) -> None:
         """Write the rows of one model cache at rows [start, start + len(cache)) (int8: quantized here)."""
-        for name, (shape, kind) in self.layout.fields.items():
-            values = _checked_rows(cache, name, shape)
-            parts = quantize_int8(values) if quantizes(self.storage_dtype, kind, shape) else (values,)
-            for suffix_values, (suffix, _, _) in zip(parts, self._files(name, (len(values), *shape), kind),
-                                                     strict=True):
-                with NpyRowWriter(self.directory / f"{name}{suffix}.npy") as writer:
-                    writer.write(start, suffix_values)
+        with self.writer() as write:
+            write(start, cache)
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[Callable[[int, Any], None]]:
+        """`write(start, cache)` with every file held open (a worker writing many batches opens them once)."""
+        with contextlib.ExitStack() as open_files:
+            files = {(name, suffix): open_files.enter_context(NpyRowWriter(self.directory / f"{name}{suffix}.npy"))
+                     for name, (shape, kind) in self.layout.fields.items()
+                     for suffix, _, _ in self._files(name, (0, *shape), kind)}
+
+            def write(start: int, cache: Any) -> None:
+                for name, (shape, kind) in self.layout.fields.items():
+                    values = _checked_rows(cache, name, shape)
+                    parts = quantize_int8(values) if quantizes(self.storage_dtype, kind, shape) else (values,)
+                    for part, (suffix, _, _) in zip(parts, self._files(name, values.shape, kind), strict=True):
+                        files[name, suffix].write(start, part)
+
+            yield write
 
     def _files(self, name: str, shape: tuple[int, ...], kind: str) -> list[tuple[str, tuple[int, ...], Any]]:
         """(file suffix, shape, dtype) of each file that stores field `name`."""
@@ -299,15 +311,17 @@ class EntityCacheStore:
             "segments": self._segment_info, "storage_dtype": self.storage_dtype, "layout": self.layout.describe()})
 
 
-def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_int8(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """[n, *S, D] floats -> int8 codes [n, *S, D] and one scale per vector [n, *S] (absmax / 127).
 
     A per-vector scale keeps a vector's direction to within 1/254 of its largest component, so dot
     products move by well under a percent; a zero vector gets scale 0 and decodes to zeros.
+    (torch, not numpy: its kernels use every intra-op thread, and this runs over every cached row.)
     """
-    scales = (np.abs(values).max(axis=-1) / 127.0).astype(np.float32)          # [n, *S]
-    safe = np.where(scales == 0, 1.0, scales)[..., None]
-    return np.clip(np.rint(values / safe), -127, 127).astype(np.int8), scales
+    values = torch.as_tensor(values, dtype=torch.float32)
+    scales = values.abs().amax(dim=-1) / 127.0                                           # [n, *S]
+    codes = torch.round(values / torch.where(scales == 0, 1.0, scales).unsqueeze(-1)).clamp_(-127, 127)
+    return codes.to(torch.int8).numpy(), scales.numpy()
 
 
 def dequantize_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -315,13 +329,13 @@ def dequantize_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * scales[..., None]
 
 
-def _checked_rows(cache: Any, field_name: str, trailing_shape: tuple[int, ...]) -> np.ndarray:
+def _checked_rows(cache: Any, field_name: str, trailing_shape: tuple[int, ...]) -> torch.Tensor:
     values = getattr(cache, field_name)
     if tuple(values.shape[1:]) != trailing_shape:
         raise MismatchError(f"{type(cache).__name__}.{field_name} rows have shape {tuple(values.shape[1:])}, the "
                             f"layout says {trailing_shape}: the features' text length or image token count differs "
                             "from the model's checkpoint (preprocess.max_text_length, backbone.num_patches)")
-    return values.detach().cpu().numpy()
+    return values.detach().cpu()
 
 
 def _mapped(file: Path, shape: tuple[int, ...]) -> np.ndarray:

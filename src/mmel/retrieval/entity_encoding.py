@@ -170,10 +170,10 @@ class EntityShardEncoder:
         def encode_shard(rows: range) -> ShardResult:
             report = ImageReport()
             parts, with_image, start = [], 0, rows.start
-            with torch.inference_mode():
+            with torch.inference_mode(), self.segment.writer() as write:
                 for batch in read(rows, report):
                     cache, vectors = encode_cache_and_vectors(model, batch, self.vectors)
-                    self.segment.write(start, cache)
+                    write(start, cache)
                     parts.append(vectors)
                     with_image += int(batch.has_image.sum())
                     start += len(batch)
