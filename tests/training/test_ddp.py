@@ -1,13 +1,13 @@
 """Training on several processes equals training on one with the same global batch (DDP over gloo, loopback).
 
-A two-process run is a fresh subprocess: Lightning's "ddp" strategy starts the second process by
-running the same command again, so these tests work inside pytest-xdist workers and leave no
-process group behind. `mmel train` fine-tunes MIMIC end to end (a tiny random CLIP trains with it,
-so the gathered features carry gradients from one process to the other); this file, run as a
-script, trains M3EL and DIM on in-memory features. Each run is compared with the same run on one
-process: the loss at every step, the dev metrics and the final weights, within float tolerance
-(the two add the same terms in another order). Dropout is 0 and hard negatives are whole pools,
-so that no random draw differs between the runs.
+The two-process side is one fresh subprocess, this file run as a script: Lightning's "ddp" strategy
+starts the second process by running the same command again, so the test works inside pytest-xdist
+workers and leaves no process group behind. The script runs `mmel train` (the CLI) to fine-tune
+MIMIC end to end (a tiny random CLIP trains with it, so the gathered features carry gradients from
+one process to the other), then trains M3EL and DIM on in-memory features. This process runs the
+same on one process, and every run is compared: the loss at every step, the dev metrics and the
+final weights, within float tolerance (the two add the same terms in another order). Dropout is 0
+and hard negatives are whole pools, so that no random draw differs between the runs.
 """
 
 from __future__ import annotations
