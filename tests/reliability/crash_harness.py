@@ -1,9 +1,10 @@
 """Kill a piece of mmel at a named crash point and look at what it left: the crash tests' tools.
 
-Two ways to kill, both a real SIGKILL at a `mmel.core.crashpoints` stage (no cleanup code runs):
-- `run_killed_at` forks this process and arms the child; the child shares the parent's loaded
-  backbone, so a kill point costs about a second (the fast tests in `make test`);
-- `run_command` runs a whole `mmel` command in a fresh process (bench/crash_runs.py, slow).
+Every kill is a real SIGKILL at a `mmel.core.crashpoints` stage, so no cleanup code runs:
+- `run_killed_at` forks this process and arms the child, which runs a library call; the child
+  shares the parent's loaded backbone, so a kill point costs about a second (the fast tests);
+- `run_cli` runs an `mmel` command line in a child forked from this process (its imports already
+  done) or, with `fresh_process`, in a new `python -m mmel` process (bench/crash_runs.py).
 
 `index_snapshot` is what "the same index" means: the QIDs in every part, the stored entities, the
 change log (without times), the cache segments, the BM25 rows, the files, and the ranked candidates
@@ -17,9 +18,11 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +43,8 @@ _DEBRIS = re.compile(r"\..+\.(?:[a-z0-9_]{8}\.tmp|old)|.+\.sqlite-(?:wal|shm|jou
 # --- killing ---------------------------------------------------------------------------------------
 
 def run_killed_at(stage: str, action: Callable[[], object]) -> None:
-    """Run `action` in a forked child that SIGKILLs itself at `stage`; fail unless it died exactly so.
-
-    The child runs single-threaded (torch and FAISS), as OpenMP thread pools do not survive a fork.
-    """
-    status = _in_child(action, {CRASH_AT_VARIABLE: stage})
+    """Run `action` in a forked child that SIGKILLs itself at `stage`; fail unless it died exactly so."""
+    status = _in_child(_exit_code_zero(action), {CRASH_AT_VARIABLE: stage})
     if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
         raise AssertionError(f"the child did not die at stage {stage!r}: {_describe(status)}")
 
@@ -52,7 +52,7 @@ def run_killed_at(stage: str, action: Callable[[], object]) -> None:
 def traced_stages(action: Callable[[], object], trace_file: Path) -> list[str]:
     """Run `action` to the end in a forked child and return the crash points it passed, as '<stage>#<n>'."""
     trace_file.unlink(missing_ok=True)
-    status = _in_child(action, {TRACE_VARIABLE: str(trace_file)})
+    status = _in_child(_exit_code_zero(action), {TRACE_VARIABLE: str(trace_file)})
     if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
         raise AssertionError(f"the traced run failed: {_describe(status)}")
     return numbered(trace_file.read_text().splitlines() if trace_file.is_file() else [])
@@ -68,7 +68,69 @@ def numbered(stages: Sequence[str]) -> list[str]:
     return result
 
 
-def _in_child(action: Callable[[], object], environment: dict[str, str]) -> int:
+@dataclass
+class CommandResult:
+    returncode: int     # the exit code, or minus the signal that killed the command (-9: SIGKILL)
+    stdout: str
+    stderr: str
+
+
+def run_cli(arguments: Sequence[str], *, crash_at: str | None = None, trace: Path | None = None,
+            fresh_process: bool = False, cwd: Path | None = None) -> CommandResult:
+    """Run `mmel <arguments>`, armed to die at `crash_at` and/or tracing its stages into `trace`."""
+    environment = {CRASH_AT_VARIABLE: crash_at, TRACE_VARIABLE: None if trace is None else str(trace)}
+    if fresh_process:
+        return _run_fresh(arguments, environment, cwd)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        def command() -> int:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            if cwd is not None:
+                os.chdir(cwd)
+            return _cli_exit_code(arguments)
+
+        status = _in_child(command, environment)
+        out.seek(0)
+        err.seek(0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return CommandResult(code, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
+def _cli_exit_code(arguments: Sequence[str]) -> int:
+    """Run the mmel command line as `mmel` does (click's standalone mode), returning its exit code."""
+    import typer
+
+    from mmel.cli.main import app
+
+    try:
+        typer.main.get_command(app).main(args=list(arguments), prog_name="mmel", standalone_mode=True)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    return 0
+
+
+def _run_fresh(arguments: Sequence[str], environment: dict[str, str | None], cwd: Path | None) -> CommandResult:
+    env = {key: value for key, value in os.environ.items() if key not in environment}
+    env.update({key: value for key, value in environment.items() if value is not None})
+    done = subprocess.run([sys.executable, "-m", "mmel", *arguments], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=CHILD_LIMIT_S, check=False)
+    return CommandResult(done.returncode, done.stdout, done.stderr)
+
+
+def _exit_code_zero(action: Callable[[], object]) -> Callable[[], int]:
+    def body() -> int:
+        action()
+        return 0
+    return body
+
+
+def _in_child(body: Callable[[], int], environment: dict[str, str | None]) -> int:
+    """Fork; the child sets `environment` (None: unset), runs `body` single-threaded and exits with its code.
+
+    Single-threaded (torch and FAISS) because OpenMP thread pools do not survive a fork.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:   # the child: never return into the caller's code (pytest), whatever happens
         code = 70
@@ -78,12 +140,17 @@ def _in_child(action: Callable[[], object], environment: dict[str, str]) -> int:
 
             torch.set_num_threads(1)
             faiss.omp_set_num_threads(1)
-            os.environ.update(environment)
-            action()
-            code = 0
+            for key, value in environment.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            code = body()
         except BaseException:
             traceback.print_exc()
         finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
     return _wait(pid)
 
@@ -105,18 +172,6 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by signal {os.WTERMSIG(status)}"
     return f"exit code {os.WEXITSTATUS(status)} (0: the stage was never reached)"
-
-
-def run_command(arguments: Sequence[str], *, crash_at: str | None = None, trace: Path | None = None,
-                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m mmel <arguments>` in a fresh process, armed to die at `crash_at` or tracing its stages."""
-    environment = {key: value for key, value in os.environ.items() if key not in (CRASH_AT_VARIABLE, TRACE_VARIABLE)}
-    if crash_at is not None:
-        environment[CRASH_AT_VARIABLE] = crash_at
-    if trace is not None:
-        environment[TRACE_VARIABLE] = str(trace)
-    return subprocess.run([sys.executable, "-m", "mmel", *arguments], capture_output=True, text=True,
-                          env=environment, cwd=cwd, timeout=CHILD_LIMIT_S, check=False)
 
 
 # --- looking ---------------------------------------------------------------------------------------

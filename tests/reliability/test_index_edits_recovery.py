@@ -188,6 +188,20 @@ def test_opening_after_a_kill_says_what_it_finished(bases, linker_backbone, tmp_
     assert "an interrupted add was finished" in caplog.text
 
 
+def test_a_kill_during_recovery_is_recovered_the_same_way(bases, uninterrupted, linker_backbone, tmp_path):
+    edit = EDITS["add"]
+    directory = _copy_base(bases, edit, tmp_path / "index")
+    run_killed_at("index_add.vectors_saved#1", _child_edit(directory, edit, bases, linker_backbone))
+    run_killed_at("index_add.bm25_saved#1", lambda: Linker.load(directory, backbone=linker_backbone))  # recovering
+
+    report = _rerun(directory, edit, bases, linker_backbone)
+
+    expected_report, expected_index = uninterrupted["add"]
+    assert _summary(report) == _summary(expected_report) and report.recovered
+    assert index_snapshot(directory, QUERIES, backbone=linker_backbone) == expected_index
+    assert leftovers(directory) == []
+
+
 def test_a_second_add_of_the_same_entities_after_recovery_is_an_update(bases, linker_backbone, tmp_path):
     """Recovery answers the one rerun of the killed command; running the add again later is a new edit."""
     edit = EDITS["add"]
