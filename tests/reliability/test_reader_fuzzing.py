@@ -621,12 +621,15 @@ DATASET_INFO = b'{"name": "x", "format_version": 1, "splits": ["test"]}'
 MENTION_LINE = _line({"id": "m", "sentence": "One here", "surface": "One"})
 WIKIMEL_FILES = {"Wikidata-MEL.json": b"{}", "splits.json": b'{"train": []}', "ne2qid.json": b"{}",
                  "qid2abs.json": b'{"Q1": "x"}'}
+RICHPEDIA_FILES = {"train.json": b"{}", "test.json": b"{}", "ne2qid.json": b"{}", "qid2abs.json": b'{"Q1": "x"}',
+                   "qid2abs_long.json": b"{}"}
 READERS: dict[str, Callable[[Sandbox], Any]] = {
     "kb.jsonl": lambda box: read_kb_jsonl(box.root / "kb.jsonl", root=box.root),
     "mentions.jsonl": lambda box: read_mentions_jsonl(box.root / "mentions.jsonl", root=box.root),
     "dataset": lambda box: load_dataset(box.root),
     "mimic": lambda box: read_mimic_layout(box.root),
     "wikimel": lambda box: prepare_wikimel(box.root, box.base / "prepared"),
+    "richpediamel": lambda box: prepare_richpediamel(box.root, box.base / "prepared"),
     "validate": lambda box: validate_dataset(load_dataset(box.root)),
     "cache": lambda box: AnswerCache(box.root / "enrich.sqlite").get_many("caption", ["k"]),
 }
@@ -669,6 +672,8 @@ READER_CORPUS = [
                  "wikimel", "list of sample ids", "train"),
     HostileFiles("split of splits.json that is no file name", {**WIKIMEL_FILES, "splits.json": b'{"../x": []}'},
                  "wikimel", "plain file name", "../x"),
+    HostileFiles("img_list.json entry that is no path", {**RICHPEDIA_FILES, "img_list.json": b'["a/1.jpg", null]'},
+                 "richpediamel", "expected an image path", "#1"),
     HostileFiles("SQLite file of another program as the cache", {"enrich.sqlite": b"sqlite-other-schema"}, "cache",
                  "not an enrichment cache"),
     # fixed earlier in issue 13

@@ -337,8 +337,11 @@ def _richpedia_image_files(folder: Path, images_dir: Path | None, sample_ids: se
         report.notes.append("img_list.json not found: no mention images.")
         return {}
     entries = read_json(list_path)
-    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
-        raise DataError("expected a JSON list of image paths", path=list_path)
+    if not isinstance(entries, list):
+        raise DataError(f"expected a JSON list of image paths, got {type(entries).__name__}", path=list_path)
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, str):
+            raise DataError(f"expected an image path, got {entry!r:.60}", path=list_path, record=f"#{index}")
     present = _image_files(images_dir)
     by_sample: dict[str, str] = {}
     for entry in entries:
