@@ -3,20 +3,22 @@
 The engine keeps one actor per worker (`num_cpus=cpus_per_worker` each) for its whole life, so
 the processes start and import torch once. Each `map_shards` call builds its worker in every actor
 once (`make_worker()`, shipped through Ray's object store: a loaded backbone is serialised once,
-not once per shard) and feeds the actors shards with `ray.util.ActorPool`: a worker gets its next
-shard when it hands back its last result, so an ordered map holds at most one waiting result per
-worker. A map that fails or is abandoned kills the actors (shards may still be running on them);
-the next map starts new ones.
+not once per shard) and feeds the actors shards in order: a worker gets its next
+shard when it hands back its last result; ordered, results wait for their turn in a bounded
+buffer. When a map fails or is abandoned, the shards still running are allowed to finish (a kill
+could cut a write short), actors that died or stay busy are killed, and the next map replaces them.
 
 Why actors and not Ray Data: a shard here is a unit of resumption whose result the driver commits
 (a content-addressed shard reported written, result lines appended and fsynced), and results are
 arbitrary Python objects; Ray Data's strengths (columnar blocks, file readers, operator fusion)
 do not apply, and its executor adds several seconds of start-up per job (docs/SCALING.md).
 
-Without `address` a private single-node Ray is started inside the command (loopback only, no
-dashboard, a temporary directory under /tmp, usage statistics off) and shut down by `close()`;
-with `address` the engine joins that cluster and only disconnects. An already connected driver
-(`ray.init` called by the caller, as the tests do) is used as it is and left connected.
+Without `address` a private single-node Ray is started inside the command (no dashboard, a
+temporary directory under /tmp, usage statistics off) and shut down by `close()`. Ray's servers
+listen on the machine's address, not loopback alone (Ray has no option for that); its token
+authentication, on by default, refuses clients that do not hold the session's token.
+With `address` the engine joins that cluster and only disconnects. An already connected driver
+(`ray.init` called by the caller) is used as it is and left connected.
 
 A worker that dies (killed, out of memory, node lost) fails the map with `WorkerLostError`: the
 shards already reported are kept by the callers, and rerunning the command does the rest.
@@ -31,17 +33,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
-from ray.util import ActorPool
 
 from mmel.core.engine import ResultT, ShardT, WorkerFactory, WorkerLostError, close_worker
 from mmel.core.errors import MmelError, UsageError
 
-LOOPBACK = "127.0.0.1"
 TEMP_PARENT = Path("/tmp")   # Ray's unix socket paths must stay short (108 bytes), whatever $TMPDIR is
+SETTLE_TIMEOUT_S = 60.0      # after a failure, how long shards still running may take before their workers are killed
 
 
 @ray.remote
@@ -94,26 +95,13 @@ class RayEngine:
                    ordered: bool = False) -> Iterator[tuple[int, ResultT]]:
         if not shards:
             return
-        actors = self._install(make_worker, min(self.num_workers, len(shards)))
-        pool = ActorPool(actors)
-        run = pool.map if ordered else pool.map_unordered
-        finished = False
+        dispatch = _Dispatch(self._install(make_worker, min(self.num_workers, len(shards))), shards, ordered)
         try:
-            yield from run(lambda actor, item: actor.run.remote(*item), list(enumerate(shards)))
-            finished = True
-        except RayTaskError as error:
-            if isinstance(error.cause, MmelError):   # the user's error (bad data...), not a remote traceback
-                raise error.cause from None
-            raise
-        except RayActorError as error:
-            raise WorkerLostError(f"a Ray worker died ({error.__class__.__name__}); the shards that finished "
-                                  "are kept: rerun the command to do the rest") from error
+            yield from dispatch.results()
+        except (RayTaskError, RayActorError) as error:
+            _raise_for_caller(error)
         finally:
-            if finished:
-                for actor in actors:
-                    actor.release.remote()
-            else:   # failed or abandoned: shards may still run on the actors; start afresh next time
-                self._kill_actors()
+            self._keep_only(dispatch.settle(SETTLE_TIMEOUT_S))
 
     def _install(self, make_worker: WorkerFactory, count: int) -> list[Any]:
         """`count` live actors, each holding a worker built by `make_worker` (shipped once, via the object store)."""
@@ -123,25 +111,24 @@ class RayEngine:
         factory = ray.put(make_worker)
         try:
             ray.get([actor.install.remote(factory) for actor in actors])
-        except RayTaskError as error:
-            self._kill_actors()
-            if isinstance(error.cause, MmelError):
-                raise error.cause from None
-            raise
-        except RayActorError as error:
-            self._kill_actors()
-            raise WorkerLostError(f"a Ray worker died while starting ({error.__class__.__name__})") from error
+        except (RayTaskError, RayActorError) as error:
+            self._keep_only([])
+            _raise_for_caller(error)
         return actors
 
-    def _kill_actors(self) -> None:
+    def _keep_only(self, healthy: list[Any]) -> None:
+        """Keep the `healthy` actors (their workers released) and kill the others (dead, or still busy)."""
         for actor in self._actors:
-            ray.kill(actor)
-        self._actors = []
+            if actor in healthy:
+                actor.release.remote()
+            else:
+                ray.kill(actor)
+        self._actors = [actor for actor in self._actors if actor in healthy]
 
     def close(self) -> None:
         """Stop the workers; disconnect if this engine connected (stopping the Ray it started). Idempotent."""
         if ray.is_initialized():
-            self._kill_actors()
+            self._keep_only([])
         if self._connected_here and ray.is_initialized():
             ray.shutdown()
         self._connected_here = False
@@ -156,6 +143,80 @@ class RayEngine:
         self.close()
 
 
+class _Dispatch:
+    """One map: sends shards to free actors in shard order, collects results, and settles what still runs.
+
+    Ordered, a shard is sent only while fewer than `2 * actors` results are held back, so memory
+    stays bounded however uneven the shards are.
+    """
+
+    def __init__(self, actors: list[Any], shards: Sequence[Any], ordered: bool):
+        self.actors = actors
+        self.free = list(actors)
+        self.shards = shards
+        self.ordered = ordered
+        self.running: dict[Any, Any] = {}   # result ref -> its actor
+        self.next_shard = 0
+
+    def results(self) -> Iterator[tuple[int, Any]]:
+        held: dict[int, Any] = {}
+        next_out = yielded = 0
+        while yielded < len(self.shards):
+            self._send(next_out)
+            position, result = self._next_finished()
+            if not self.ordered:
+                yield position, result
+                yielded += 1
+                continue
+            held[position] = result
+            while next_out in held:
+                yield next_out, held.pop(next_out)
+                next_out += 1
+                yielded += 1
+
+    def _send(self, next_out: int) -> None:
+        limit = min(len(self.shards), next_out + 2 * len(self.actors)) if self.ordered else len(self.shards)
+        while self.free and self.next_shard < limit:
+            actor = self.free.pop()
+            self.running[actor.run.remote(self.next_shard, self.shards[self.next_shard])] = actor
+            self.next_shard += 1
+
+    def _next_finished(self) -> tuple[int, Any]:
+        """(position, result) of the next shard to finish; raises its worker's error (that actor is not freed)."""
+        [ref], _ = ray.wait(list(self.running), num_returns=1)
+        actor = self.running.pop(ref)
+        result = ray.get(ref)
+        self.free.append(actor)
+        return result
+
+    def settle(self, timeout_s: float) -> list[Any]:
+        """Let the shards still running finish (their results are dropped: a kill could cut a write short and
+        leave debris), up to `timeout_s`; returns the actors that are idle and alive."""
+        healthy = list(self.free)
+        if self.running:
+            ready, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=timeout_s)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    continue                     # its process died
+                except RayTaskError:
+                    pass                         # the worker raised; its process is fine
+                healthy.append(self.running[ref])
+        return healthy
+
+
+def _raise_for_caller(error: RayTaskError | RayActorError) -> NoReturn:
+    """Raise what the caller should see: a worker's mmel error as itself, a dead worker as WorkerLostError,
+    anything else (a bug) as Ray's error with the remote traceback."""
+    if isinstance(error, RayActorError):
+        raise WorkerLostError(f"a Ray worker died ({error.__class__.__name__}); the shards that finished are kept: "
+                              "rerun the command to do the rest") from error
+    if isinstance(error.cause, MmelError):   # the user's error (bad data...), not a remote traceback
+        raise error.cause from None
+    raise error
+
+
 def _local_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -166,8 +227,7 @@ def _start_local_ray(num_workers: int, cpus_per_worker: float) -> Path:
     temp_dir = Path(tempfile.mkdtemp(prefix="mmel-ray-", dir=TEMP_PARENT))
     try:
         ray.init(address="local", num_cpus=math.ceil(num_workers * cpus_per_worker), include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING, _temp_dir=str(temp_dir),
-                 _node_ip_address=LOOPBACK)
+                 log_to_driver=False, logging_level=logging.WARNING, _temp_dir=str(temp_dir))
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
