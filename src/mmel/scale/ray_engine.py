@@ -43,6 +43,7 @@ from mmel.core.errors import MmelError, UsageError
 
 TEMP_PARENT = Path("/tmp")   # Ray's unix socket paths must stay short (108 bytes), whatever $TMPDIR is
 SETTLE_TIMEOUT_S = 60.0      # after a failure, how long shards still running may take before their workers are killed
+ACTOR_START_TIMEOUT_S = 120.0   # a worker that cannot start by then lacks CPUs (held by another job?): an error
 
 
 @ray.remote
@@ -108,6 +109,13 @@ class RayEngine:
         while len(self._actors) < count:
             self._actors.append(_ShardActor.options(num_cpus=self.cpus_per_worker).remote())
         actors = self._actors[:count]
+        _, waiting = ray.wait([actor.__ray_ready__.remote() for actor in actors], num_returns=count,
+                              timeout=ACTOR_START_TIMEOUT_S)
+        if waiting:
+            self._keep_only([])
+            raise UsageError(f"{len(waiting)} of {count} Ray workers did not start within {ACTOR_START_TIMEOUT_S:g} s: "
+                             f"the cluster has {ray.available_resources().get('CPU', 0):g} CPUs free of "
+                             f"{ray.cluster_resources().get('CPU', 0):g} (another job may hold them)")
         factory = ray.put(make_worker)
         try:
             ray.get([actor.install.remote(factory) for actor in actors])
