@@ -19,7 +19,9 @@ import pytest
 from crash_harness import index_snapshot, leftovers, run_killed_at, traced_stages
 
 from mmel.core import paths
+from mmel.core.errors import MismatchError
 from mmel.core.types import Entity
+from mmel.retrieval import kb_edits
 from mmel.retrieval.edit_journal import JOURNAL_FILE
 from mmel.retrieval.index_build import VECTORS_DIR
 from mmel.retrieval.kb_edits import ChangeReport
@@ -200,6 +202,29 @@ def test_a_kill_during_recovery_is_recovered_the_same_way(bases, uninterrupted, 
     assert _summary(report) == _summary(expected_report) and report.recovered
     assert index_snapshot(directory, QUERIES, backbone=linker_backbone) == expected_index
     assert leftovers(directory) == []
+
+
+def test_an_edit_that_raised_blocks_edits_until_reopening_finishes_it(bases, uninterrupted, linker_backbone, tmp_path,
+                                                                      monkeypatch):
+    """An exception after the commit point (a full disk, say) leaves the journal; the same Linker must not
+    write a second journal over it."""
+    def disk_full(parts, revision):
+        raise OSError(28, "No space left on device")
+
+    edit = EDITS["add"]
+    directory = _copy_base(bases, edit, tmp_path / "index")
+    with Linker.load(directory, backbone=linker_backbone) as linker:
+        monkeypatch.setattr(kb_edits, "_save_vectors", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            linker.add_entities(ADDED, bases.root)
+        monkeypatch.undo()
+        with pytest.raises(MismatchError, match="did not finish"):
+            linker.remove_entities(["Q90"])
+
+    report = _rerun(directory, edit, bases, linker_backbone)
+
+    assert _summary(report) == _summary(uninterrupted["add"][0]) and report.recovered
+    assert index_snapshot(directory, QUERIES, backbone=linker_backbone) == uninterrupted["add"][1]
 
 
 def test_a_second_add_of_the_same_entities_after_recovery_is_an_update(bases, linker_backbone, tmp_path):

@@ -46,6 +46,7 @@ from mmel.core.types import Entity, KnowledgeBase
 from mmel.lexical.bm25 import BM25Index
 from mmel.models.base import MelModel
 from mmel.retrieval.edit_journal import (
+    JOURNAL_FILE,
     STAGED_DIR,
     EditJournal,
     clear_journal,
@@ -166,8 +167,8 @@ class KBEdits:
         request = _request_digest("add", str(images_root), kb_checksum(entities))
         with self._lock:
             finished = self._finished_by_recovery("add", request)
-            if finished is not None:
-                return finished   # type: ignore[return-value]
+            if isinstance(finished, ChangeReport):
+                return finished
             report = ChangeReport()
             caches, vectors = self._encode(entities, images_root, batch_size, progress, report.image_report)
             qids = [entity.qid for entity in entities]
@@ -194,8 +195,8 @@ class KBEdits:
         request = _request_digest("remove", *qids)
         with self._lock:
             finished = self._finished_by_recovery("remove", request)
-            if finished is not None:
-                return finished   # type: ignore[return-value]
+            if isinstance(finished, ChangeReport):
+                return finished
             unknown = [qid for qid in qids if qid not in self._vectors]
             if unknown:
                 raise NotFoundError(f"{len(unknown)} QID(s) are not in the index, e.g. {unknown[:5]}; nothing removed")
@@ -214,8 +215,8 @@ class KBEdits:
         """Reclaim the disk space of removed and replaced entities' cache rows (see `EntityCacheStore.compact`)."""
         with self._lock:
             finished = self._finished_by_recovery("compact", _request_digest("compact"))
-            if finished is not None:
-                return finished   # type: ignore[return-value]
+            if isinstance(finished, CompactionReport):
+                return finished
             with index_lock(self.directory):
                 self._check_unchanged_on_disk()
                 before = {"rows_before": self._cache.stored_rows(), "segments_before": self._cache.num_segments}
@@ -253,7 +254,11 @@ class KBEdits:
         return int(self.manifest.get("revision", 0)) + 1
 
     def _check_unchanged_on_disk(self) -> None:
-        """Refuse to edit from a stale view: another process changed the index since this one opened it."""
+        """Refuse to edit from a stale view (another process changed the index since this one opened it), or
+        over an edit that failed (an exception, not a kill) and is still journaled: reopening finishes it."""
+        if (self.directory / JOURNAL_FILE).is_file():
+            raise MismatchError(f"{self.directory}: an earlier edit did not finish; open the index again, which "
+                                "finishes it, then retry")
         revision = read_manifest(self.directory).get("revision", 0)
         if revision != self.manifest.get("revision", 0) or _listed_segments(self.directory) != self._segments_seen:
             raise MismatchError(f"{self.directory} was changed by another process since this one opened it (now at "
@@ -262,8 +267,9 @@ class KBEdits:
     def _finished_by_recovery(self, operation: str, request: str) -> ChangeReport | CompactionReport | None:
         """The report of this very edit if recovery finished it on opening (a rerun after a kill), once."""
         recovered = self._recovered
-        if recovered is None or not recovered.finished or (recovered.operation, recovered.request) != (operation,
-                                                                                                        request):
+        if recovered is None or not recovered.finished:
+            return None
+        if (recovered.operation, recovered.request) != (operation, request):
             return None
         self._recovered = None
         return recovered.report
