@@ -98,7 +98,9 @@ class IndexBuildConfig(ConfigBase):
     ivf_codes: str = "flat"                  # IVF vector storage: 'flat' (float32) or 'sq8' (8-bit, 4x smaller)
     recall_target: float = 0.995             # approximate first stage: share of exactly-found golds it must find
     cache_dtype: str = "auto"                # reranker cache storage: 'float32', 'float16', 'int8' or 'auto'
-    float32_cache_max_entities: int = 200_000  # 'auto' stores float32 up to this many entities, float16 above
+    # 'auto' stores float32 up to this many entities, int8 above (WikiMEL test: Hits@1 79.13 int8 vs
+    # 79.11 float32, docs/RESULTS.md; a quarter of the disk and page cache)
+    float32_cache_max_entities: int = 200_000
     bm25_fields: str = "name"                # BM25 documents: 'name' or 'name+text'
     encode_batch_size: int = 64              # entities per backbone / model batch while building
     name_prior_weight: float | None = None   # surface-name match added to reranker scores; None: the checkpoint's
@@ -120,7 +122,7 @@ class IndexBuildConfig(ConfigBase):
     def storage_dtype(self, num_entities: int) -> str:
         if self.cache_dtype != "auto":
             return self.cache_dtype
-        return "float32" if num_entities <= self.float32_cache_max_entities else "float16"
+        return "float32" if num_entities <= self.float32_cache_max_entities else "int8"
 
     def vector_index_config(self) -> IndexConfig:
         return IndexConfig(kind=self.vector_index, exact_max_entities=self.exact_max_entities,
