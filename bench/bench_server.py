@@ -44,6 +44,7 @@ import httpx
 import numpy as np
 import torch
 
+import mmel
 from bench_index import machine
 from mmel.core.paths import atomic_write_json
 from mmel.data import load_dataset
@@ -175,13 +176,14 @@ def one_run(url: str, bodies: list[dict], clients: int, variant: Variant, durati
         done.set()
         for thread in threads[valid:]:
             thread.join(timeout=REQUEST_TIMEOUT_S)
-        calls = client.get("/health").json().get("link_calls_by_batch_size", {})
+        health = client.get("/health").json()
     latencies = np.array(tally.latencies_s) if tally.latencies_s else np.array([float("nan")])
     return {"valid_clients": valid, "wall_s": wall, "valid_requests_per_s": tally.outcomes["2xx"] / wall,
             "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p95_ms": 1000 * float(np.percentile(latencies, 95)),
             "valid_outcomes": dict(sorted(tally.outcomes.items())),
             "noisy_statuses": dict(sorted(tally.noisy_statuses.items())),
-            "linker_calls_by_batch_size": calls, "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+            "linker_calls_by_batch_size": health.get("link_calls_by_batch_size", {}),
+            "server_index": health.get("index"), "load_average_after": [round(v, 2) for v in os.getloadavg()]}
 
 
 def _warm_up(client: httpx.Client, bodies: list[dict]) -> None:
@@ -191,6 +193,19 @@ def _warm_up(client: httpx.Client, bodies: list[dict]) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+def mmel_source() -> dict[str, Any]:
+    """Which mmel the server ran: its directory, and the git commit with any uncommitted changes under it."""
+    directory = Path(mmel.__file__).parent
+
+    def git(*arguments: str) -> str | None:
+        done = subprocess.run(["git", "-C", str(directory), *arguments], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--", ".")
+    return {"directory": str(directory), "commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": None if changed is None else bool(changed)}
 
 
 def variants_for(compare: str, max_batch: int, noisy_every_s: float) -> list[Variant]:
@@ -239,7 +254,8 @@ def main() -> None:
               "noisy_every_s": args.noisy_every_s if args.compare == "noisy" else None, "top_k": args.top_k,
               "candidates_k": args.candidates_k, "server_threads": args.threads, "repeats": args.repeats,
               "median": summary, "runs": runs, "throughput_ratio": second / first,
-              "load_average_before": load_before, "machine": {**machine(), "torch": torch.__version__}}
+              "load_average_before": load_before, "mmel_source": mmel_source(),
+              "machine": {**machine(), "torch": torch.__version__}}
     print(f"throughput ratio ({variants[1].name} / {variants[0].name}): {report['throughput_ratio']:.3f}")
     if args.out:
         atomic_write_json(args.out, report)
