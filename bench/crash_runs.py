@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/crash_runs.py --out bench/results/crash_runs.json [--only "index add,link --input"]
 
-Commands: `mmel features build`, `index build`, `index add`, `index remove`, `index compact` and
-`link --input`, on a small synthetic dataset (mmel.data.synthetic) with the shipped MIMIC checkpoint.
-Each command first runs uninterrupted with MMEL_CRASH_TRACE, which lists the crash points it passes
-(`mmel.core.crashpoints`). Then, for each kill point, a fresh copy of the command's input state gets
-the command with MMEL_CRASH_AT (the process SIGKILLs itself there, as `kill -9` would), then the
-same command again without it, and the outcome is compared with the uninterrupted run's:
+Commands: `mmel features build`, `index build` (a new index, and one replacing an edited index),
+`index add`, `index remove`, `index compact` and `link --input`, on a small synthetic dataset
+(mmel.data.synthetic) with the shipped MIMIC checkpoint. Each command first runs uninterrupted
+with MMEL_CRASH_TRACE, which lists the crash points it passes (`mmel.core.crashpoints`). Then, for
+each kill point, a fresh copy of the command's input state gets the command with MMEL_CRASH_AT
+(the process SIGKILLs itself there, as `kill -9` would), then the same command again without it,
+and the outcome is compared with the uninterrupted run's:
 - index commands: the index (`index_snapshot`: QIDs of every part, stored entities, change log,
   cache segments, files, ranked candidates of some test mentions) and no leftovers (`leftovers`);
 - `link --input`: the output lines (every mention once, records equal to the uninterrupted ones);
@@ -183,15 +184,19 @@ def _scenarios(inputs: Inputs) -> list[Scenario]:
     def index_debris(case: Path) -> list[str]:
         return leftovers(case / "index")
 
+    def build(case: Path) -> list[str]:
+        return ["index", "build", "--dataset", str(inputs.data), "--model", str(CHECKPOINT), "--out",
+                str(case / "index"), "--quiet"]
+
     mentions = inputs.data / "mentions" / "test.jsonl"
     return [
         Scenario("features build", lambda case: ["features", "build", str(inputs.data), "--store", str(case / "store"),
                                                  "--splits", "test"],
                  lambda case: case.mkdir(parents=True), lambda case: _store_checksums(case / "store"),
                  lambda case: _temporaries(case)),
-        Scenario("index build", lambda case: ["index", "build", "--dataset", str(inputs.data), "--model",
-                                              str(CHECKPOINT), "--out", str(case / "index"), "--quiet"],
-                 lambda case: case.mkdir(parents=True), index_state, index_debris),
+        Scenario("index build", build, lambda case: case.mkdir(parents=True), index_state, index_debris),
+        Scenario("index build (replacing an index)", build, copy_index(inputs.index_added), index_state,
+                 index_debris),
         Scenario("index add", lambda case: ["index", "add", str(case / "index"), "--kb", str(inputs.additions)],
                  copy_index(inputs.index), index_state, index_debris),
         Scenario("index remove", lambda case: ["index", "remove", str(case / "index"), *inputs.removed],
