@@ -1,7 +1,7 @@
 """Load test of `POST /link` on 127.0.0.1: concurrent clients against `mmel serve` in its own process.
 
-Two comparisons, each variant served by a fresh `mmel serve` over the same index (alternating per
-repeat, so that machine load hits both alike):
+Two comparisons, each variant served by a fresh `mmel serve` over the same index (in the order
+A B, B A, A B... over the repeats, so that a drift in machine load hits both alike):
 
 - `--compare batching`: one request per linker call (max_batch 1) against dynamic batching.
 - `--compare noisy`: dynamic batching with every client valid, against the same number of clients
@@ -239,12 +239,13 @@ def main() -> None:
     variants = variants_for(args.compare, args.max_batch, args.noisy_every_s)
     runs: dict[str, list[dict[str, Any]]] = {variant.name: [] for variant in variants}
     load_before = [round(v, 2) for v in os.getloadavg()]
-    for _ in range(args.repeats):
-        for variant in variants:
+    for repeat in range(args.repeats):
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:   # A B, B A, ...: drift hits both alike
             with mmel_serve(args.index, args.port, variant.max_batch, args.threads) as url:
                 run = one_run(url, bodies, args.clients, variant, args.duration_s, args.requests)
             runs[variant.name].append(run)
-            print(variant.name, {k: round(v, 1) if isinstance(v, float) else v for k, v in run.items()}, flush=True)
+            shown = {k: round(v, 1) if isinstance(v, float) else v for k, v in run.items() if k != "server_index"}
+            print(variant.name, shown, flush=True)
     summary = {name: {key: statistics.median(run[key] for run in results)
                       for key in ("valid_requests_per_s", "p50_ms", "p95_ms")} for name, results in runs.items()}
     first, second = (summary[variant.name]["valid_requests_per_s"] for variant in variants)
