@@ -12,6 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmel.core.config import ConfigBase, ConfigError
+
+# How a Linker runs the backbone on its QUERIES (entity features are always the exact float32 ones):
+#   float32   - the PyTorch network itself, bit for bit the features the store holds
+#   onnx      - both networks in ONNX Runtime, float32 (same numbers up to ~1e-5)
+#   onnx-int8 - ONNX Runtime, text network int8 (dynamic quantization), image network float32
+#   auto      - the backbone's fastest runtime that loses no accuracy (see `query_backbone`)
+QUERY_RUNTIMES = ("auto", "float32", "onnx", "onnx-int8")
+
 
 @dataclass
 class TextFeatures:
@@ -51,6 +60,22 @@ class Backbone(Protocol):
     def encode_blank_images(self, count: int) -> ImageFeatures:
         """Features of an all-zero (normalised) pixel tensor: the release's stand-in for a missing image."""
         ...
+
+
+@dataclass
+class BackboneConfig(ConfigBase):
+    """How a loaded backbone encodes queries: `query_runtime` (QUERY_RUNTIMES) and where exported files live.
+
+    `onnx_cache_dir` None: `$MMEL_CACHE_DIR/onnx`, else `~/.cache/mmel/onnx`.
+    """
+
+    query_runtime: str = "auto"
+    onnx_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.query_runtime not in QUERY_RUNTIMES:
+            raise ConfigError(f"BackboneConfig.query_runtime must be one of {', '.join(QUERY_RUNTIMES)}, "
+                              f"got {self.query_runtime!r}")
 
 
 def pixels_from_images(images: Sequence[Image.Image], size: int, mean: Sequence[float],

@@ -17,6 +17,7 @@ quietly meaningless features.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ class MiniLMEffNetBackbone(nn.Module):
     image_patch_dim = 1280
     num_patches = 49
     image_size = EFFNET_IMAGE_SIZE
+    query_runtime = "float32"           # the exact path; `query_runtime.py` has the faster ones
 
     def __init__(self, text_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  image_model: EfficientNetLite0, *, file_sha256: dict[str, str]):
@@ -103,11 +105,18 @@ class MiniLMEffNetBackbone(nn.Module):
             raise ValueError(f"max_length must be between 2 and {MINILM_MAX_POSITIONS} for MiniLM, got {max_length}")
         encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
                                  return_tensors="pt").to(self.device)
-        tokens = self.text_model(**encoded).last_hidden_state          # [B, L, 384]
+        tokens = self._text_states(encoded)                            # [B, L, 384]
         mask = encoded["attention_mask"].bool()                        # [B, L]
         weights = mask.unsqueeze(-1).to(tokens.dtype)                  # [B, L, 1]
         pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # [B, 384]
         return TextFeatures(global_=F.normalize(pooled, dim=-1), tokens=tokens, mask=mask)
+
+    def _text_states(self, encoded: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenizer output (input_ids, token_type_ids, attention_mask [B, L]) -> last hidden state [B, L, 384].
+
+        The one place the text network runs: a query runtime (`query_runtime.py`) overrides it.
+        """
+        return self.text_model(**encoded).last_hidden_state
 
     def encode_images(self, images: list[Image.Image]) -> ImageFeatures:
         return self.encode_pixels(self.pixels(images))
@@ -118,10 +127,13 @@ class MiniLMEffNetBackbone(nn.Module):
 
     def encode_pixels(self, pixels: torch.Tensor) -> ImageFeatures:
         """pixels [B, 3, 224, 224] -> pooled [B, 1280] and grid tokens [B, 49, 1280]."""
-        pixels = pixels.to(self.device, memory_format=torch.channels_last)
-        feature_map = self.image_model.forward_features(pixels)                   # [B, 1280, 7, 7]
+        feature_map = self._feature_map(pixels)                                    # [B, 1280, 7, 7]
         patches = feature_map.flatten(2).transpose(1, 2)                           # [B, 49, 1280]
         return ImageFeatures(global_=feature_map.mean(dim=(2, 3)), patches=patches)
+
+    def _feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, 224, 224] -> final map [B, 1280, 7, 7]; the one place the image network runs."""
+        return self.image_model.forward_features(pixels.to(self.device, memory_format=torch.channels_last))
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         return pixels_from_images(images, self.image_size, EFFNET_IMAGE_MEAN, EFFNET_IMAGE_STD)

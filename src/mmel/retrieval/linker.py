@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmel.backbones.base import Backbone, ImageFeatures
+from mmel.backbones.base import Backbone, BackboneConfig, ImageFeatures
+from mmel.backbones.query_runtime import query_backbone, resolve_query_runtime
 from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.images import ImageReport, load_image
@@ -101,11 +102,14 @@ class Linker(KBEdits):
 
     def __init__(self, directory: Path, manifest: dict[str, Any], *, model: MelModel, backbone: Backbone,
                  spec: ModelSpec, vectors: VectorIndex, store: EntityStore, cache: EntityCacheStore,
-                 bm25: BM25Index | None, nil: NilCalibration | None):
+                 bm25: BM25Index | None, nil: NilCalibration | None, query_encoder: Backbone | None = None,
+                 query_runtime: str = "float32"):
         self.directory = Path(directory)
         self.manifest = manifest
         self.model = model.eval()
-        self.backbone = backbone
+        self.backbone = backbone                                  # exact: entity features (KB edits)
+        self.query_encoder = query_encoder if query_encoder is not None else backbone   # queries only
+        self.query_runtime = query_runtime
         self.spec = spec
         self._vectors = vectors
         self._store = store
@@ -127,10 +131,12 @@ class Linker(KBEdits):
     # --- opening ----------------------------------------------------------------------------
     @classmethod
     def load(cls, index_dir: Path | str, *, expect_model: Path | str | None = None,
-             backbone: Backbone | None = None) -> Linker:
+             backbone: Backbone | None = None, backbone_config: BackboneConfig | None = None) -> Linker:
         """Open an index. `expect_model` (a checkpoint directory or its weights SHA-256) must be the indexed model.
 
         Pass an already loaded `backbone` to share one between linkers; it must be the index's backbone.
+        `backbone_config.query_runtime` says how queries are encoded (default `auto`: the fastest
+        runtime that costs no accuracy); `float32` is the exact path the feature store takes.
         """
         directory = Path(index_dir)
         recovered = recover_interrupted_edit(directory)
@@ -146,10 +152,15 @@ class Linker(KBEdits):
             raise MismatchError(f"{directory / MODEL_DIR}: weights changed since the index was built "
                                 f"({spec.fingerprint[:16]}… vs {indexed[:16]}…); rebuild the index")
         model = load_model(directory / MODEL_DIR)
-        backbone = _BlankImageMemo(load_checked_backbone(spec, backbone))
+        exact = load_checked_backbone(spec, backbone)
+        backbone = _BlankImageMemo(exact)
         if manifest["backbone"]["fingerprint"] not in (None, backbone.fingerprint):
             raise MismatchError(f"{directory} was built with backbone {manifest['backbone']['fingerprint']}, this "
                                 f"one is {backbone.fingerprint}; rebuild the index or install the matching weights")
+        config = backbone_config or BackboneConfig()
+        query_runtime = resolve_query_runtime(exact, config.query_runtime)
+        query_encoder = backbone if query_runtime == "float32" else _BlankImageMemo(
+            query_backbone(exact, config.replace(query_runtime=query_runtime)))
         vectors = VectorIndex.load(directory / VECTORS_DIR, expect={"template": spec.template.to_dict(),
                                                                     "max_text_length": spec.max_text_length})
         store = EntityStore.open(directory / ENTITIES_FILE)
@@ -158,7 +169,7 @@ class Linker(KBEdits):
         bm25 = BM25Index.load(directory / BM25_DIR) if manifest["first_stage"] != "dense" else None
         nil = NilCalibration.load(directory / NIL_FILE) if (directory / NIL_FILE).is_file() else None
         linker = cls(directory, manifest, model=model, backbone=backbone, spec=spec, vectors=vectors, store=store,
-                     cache=cache, bm25=bm25, nil=nil)
+                     cache=cache, bm25=bm25, nil=nil, query_encoder=query_encoder, query_runtime=query_runtime)
         linker._note_recovery(recovered)
         return linker
 
@@ -224,7 +235,7 @@ class Linker(KBEdits):
 
     def _link_prepared(self, batch: list[PreparedQuery], top_k: int, candidates_k: int) -> list[LinkResult]:
         mentions = [p.mention for p in batch]
-        features = encode_items(self.backbone, [self.spec.template.mention_text(m) for m in mentions],
+        features = encode_items(self.query_encoder, [self.spec.template.mention_text(m) for m in mentions],
                                 [p.image for p in batch], max_text_length=self.spec.max_text_length,
                                 extra_texts=extra_view_texts(self.spec.views, "mention", mentions))
         return self._rank_encoded(mentions, features, top_k, candidates_k)
@@ -320,6 +331,7 @@ class Linker(KBEdits):
             "model_type": self.manifest["model"]["model_type"],
             "model_fingerprint": self.manifest["model"]["fingerprint"],
             "backbone": self.manifest["backbone"]["name"], "backbone_fingerprint": self.backbone.fingerprint,
+            "query_runtime": self.query_runtime,
             "template": self.spec.template.name, "max_text_length": self.spec.max_text_length,
             "first_stage": self.manifest["first_stage"], "vector_index": self._vectors.kind,
             "reranker": self.manifest["reranker"], "vectors": self.manifest.get("vectors", "backbone"),
