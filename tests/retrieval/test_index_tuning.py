@@ -10,8 +10,8 @@ from mmel.core.paths import atomic_write_json, read_json
 from mmel.retrieval.index import IndexConfig, VectorIndex
 from mmel.retrieval.index_tuning import (
     TuningQueries,
-    doubling_ladder,
     exact_gold_in_top_k,
+    geometric_ladder,
     noisy_copies,
 )
 
@@ -52,7 +52,9 @@ def test_a_higher_recall_target_forces_more_probes_and_holds_on_fresh_queries(en
     assert strict.search_setting > loose.search_setting >= 1
     assert strict.tuning["parameter"] == "nprobe" and strict.tuning["reached"]
     assert strict.tuning["recall"] >= 0.995 and strict.tuning["queries"] == 1000
-    assert [step["value"] for step in strict.tuning["ladder"]] == doubling_ladder(1, strict.search_setting)
+    tried = [step["value"] for step in strict.tuning["ladder"]]
+    assert tried == geometric_ladder(1, 10**6)[:len(tried)]
+    assert geometric_ladder(1, 64) == [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64]
     assert recall_on_fresh_queries(strict, entities) >= 0.98
     assert recall_on_fresh_queries(loose, entities) < recall_on_fresh_queries(strict, entities)
 

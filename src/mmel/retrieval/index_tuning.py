@@ -134,13 +134,17 @@ def describe_tuning(tuning: dict[str, Any]) -> str:
             f"of {tuning['queries']} {tuning['query_source']}), {tuning['search_ms_per_query']:.2f} ms per query")
 
 
-def doubling_ladder(first: int, last: int) -> list[int]:
-    """first, 2*first, 4*first, ... up to and including `last`."""
-    ladder = []
-    value = max(1, first)
-    while value < last:
-        ladder.append(value)
-        value *= 2
+def geometric_ladder(first: int, last: int) -> list[int]:
+    """first, then about x1.41 each step (1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, ...), up to and including `last`.
+
+    Half-octave steps: a doubling ladder overshoots by up to 2x when the target falls just past a
+    step (at 1M entities 128 probes found 99.4% and 256 were taken, twice the search cost).
+    """
+    ladder, value = [], float(max(1, first))
+    while round(value) < last:
+        if not ladder or round(value) > ladder[-1]:
+            ladder.append(round(value))
+        value *= 2 ** 0.5
     return [*ladder, last]
 
 
@@ -159,5 +163,5 @@ def _unit(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.where(norms == 0, 1.0, norms)
 
 
-__all__ = ["TuningQueries", "TuningResult", "describe_tuning", "doubling_ladder", "exact_gold_in_top_k", "noisy_copies",
-           "tune_search_setting"]
+__all__ = ["TuningQueries", "TuningResult", "describe_tuning", "exact_gold_in_top_k", "geometric_ladder",
+           "noisy_copies", "tune_search_setting"]
