@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mmel.cli.engines import EngineName
 from mmel.cli.errors import exit_on_user_errors
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -28,8 +29,18 @@ def serve(
                                                          "its body has not all arrived by then).")] = 30.0,
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: torch's choice); 1-2 "
                                                             "avoids oversubscription under concurrent load.")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Serve from this many replicas over the one index (Ray "
+                                                      "Serve; more than 1 implies --engine ray).")] = 1,
+    engine: Annotated[EngineName, typer.Option(help="local: one uvicorn process; ray: Ray Serve replicas.")
+                      ] = EngineName.local,
+    ray_address: Annotated[str | None, typer.Option(help="With --engine ray: join this Ray cluster (default: start "
+                                                         "one for the server's life).")] = None,
 ) -> None:
-    """Serve POST /link, POST /link/batch, GET /entities/{qid}, GET /health, the docs at /docs and the page at /."""
+    """Serve POST /link, POST /link/batch, GET /entities/{qid}, GET /health, the docs at /docs and the page at /.
+
+    With --replicas N (N > 1) or --engine ray, Ray Serve runs N replicas of the same app, each with
+    its own dynamic batching, behind one HTTP proxy on --host/--port.
+    """
     import torch
     import uvicorn
 
@@ -43,6 +54,11 @@ def serve(
                                   request_timeout_s=timeout, link_batch_wait_ms=batch_wait_ms)
         if host not in LOCAL_HOSTS and token is None:
             typer.echo(f"warning: serving on {host} without a token: anyone who can reach it can use it", err=True)
+        if replicas > 1 or engine is EngineName.ray:
+            from mmel.scale.serve import run_replicas
+
+            run_replicas(settings, replicas, threads=threads, ray_address=ray_address)
+            return
         if threads is not None:
             torch.set_num_threads(threads)
         app = create_app(settings)

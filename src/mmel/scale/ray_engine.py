@@ -13,12 +13,8 @@ Why actors and not Ray Data: a shard here is a unit of resumption whose result t
 arbitrary Python objects; Ray Data's strengths (columnar blocks, file readers, operator fusion)
 do not apply, and its executor adds several seconds of start-up per job (docs/SCALING.md).
 
-Without `address` a private single-node Ray is started inside the command (no dashboard, a
-temporary directory under /tmp, usage statistics off) and shut down by `close()`. Ray's servers
-listen on the machine's address, not loopback alone (Ray has no option for that); its token
-authentication, on by default, refuses clients that do not hold the session's token.
-With `address` the engine joins that cluster and only disconnects. An already connected driver
-(`ray.init` called by the caller) is used as it is and left connected.
+Without `address` a private single-node Ray is started inside the command and stopped by
+`close()`; with `address` the engine joins that cluster (`cluster.RayConnection`).
 
 A worker that dies (killed, out of memory, node lost) fails the map with `WorkerLostError`: the
 shards already reported are kept by the callers, and rerunning the command does the rest.
@@ -26,13 +22,7 @@ shards already reported are kept by the callers, and rerunning the command does 
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 import ray
@@ -40,9 +30,9 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from mmel.core.engine import ResultT, ShardT, WorkerFactory, WorkerLostError, close_worker
 from mmel.core.errors import MmelError, UsageError
+from mmel.scale.cluster import RayConnection, local_cpus
 
-TEMP_PARENT = Path("/tmp")   # Ray's unix socket paths must stay short (108 bytes), whatever $TMPDIR is
-SETTLE_TIMEOUT_S = 60.0      # after a failure, how long shards still running may take before their workers are killed
+SETTLE_TIMEOUT_S = 60.0         # after a failure, how long running shards may take before their workers are killed
 ACTOR_START_TIMEOUT_S = 120.0   # a worker that cannot start by then lacks CPUs (held by another job?): an error
 
 
@@ -78,14 +68,8 @@ class RayEngine:
             raise UsageError(f"cpus_per_worker must be positive, got {cpus_per_worker}")
         self.cpus_per_worker = cpus_per_worker
         self._actors: list[Any] = []
-        self._temp_dir: Path | None = None
-        self._connected_here = not ray.is_initialized()
-        if self._connected_here:
-            if address is None:
-                self._temp_dir = _start_local_ray(num_workers or _local_cpus(), cpus_per_worker)
-            else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+        self._connection = RayConnection(address, num_cpus=(num_workers or local_cpus()) * cpus_per_worker)
+        cluster_cpus = self._connection.cluster_cpus()
         self.num_workers = num_workers or max(1, int(cluster_cpus // cpus_per_worker))
         if self.num_workers * cpus_per_worker > cluster_cpus:
             self.close()
@@ -137,12 +121,7 @@ class RayEngine:
         """Stop the workers; disconnect if this engine connected (stopping the Ray it started). Idempotent."""
         if ray.is_initialized():
             self._keep_only([])
-        if self._connected_here and ray.is_initialized():
-            ray.shutdown()
-        self._connected_here = False
-        if self._temp_dir is not None:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
-            self._temp_dir = None
+        self._connection.close()
 
     def __enter__(self) -> RayEngine:
         return self
@@ -223,23 +202,6 @@ def _raise_for_caller(error: RayTaskError | RayActorError) -> NoReturn:
     if isinstance(error.cause, MmelError):   # the user's error (bad data...), not a remote traceback
         raise error.cause from None
     raise error
-
-
-def _local_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _start_local_ray(num_workers: int, cpus_per_worker: float) -> Path:
-    """Start a private Ray on this machine for one command; returns its temporary directory."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # no reports to the outside
-    temp_dir = Path(tempfile.mkdtemp(prefix="mmel-ray-", dir=TEMP_PARENT))
-    try:
-        ray.init(address="local", num_cpus=math.ceil(num_workers * cpus_per_worker), include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING, _temp_dir=str(temp_dir))
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
-    return temp_dir
 
 
 __all__ = ["RayEngine"]
