@@ -29,7 +29,7 @@ lint: setup
 	$(BIN)/lint-imports
 
 test: setup browser lint
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 --dist loadgroup -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
