@@ -29,9 +29,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def ray_sessions_of(pid: int) -> list[Path]:
+    """The session directories of a Ray that the process `pid` started (`mmel-ray-*` directories are per command)."""
+    return list(Path("/tmp").glob(f"mmel-ray-*/session_*_{pid}"))
+
+
 @contextlib.contextmanager
-def replicated_server(index_dir: Path, log: Path) -> Iterator[str]:
-    """`mmel serve --replicas 2` in its own process; yields its URL once /health answers; SIGTERM at the end."""
+def replicated_server(index_dir: Path, log: Path) -> Iterator[tuple[str, int]]:
+    """`mmel serve --replicas 2` in its own process; yields its URL and pid once /health answers; SIGTERM at the end."""
     port = free_port()
     command = [sys.executable, "-m", "mmel", "serve", str(index_dir), "--replicas", "2", "--port", str(port),
                "--threads", "1", "--max-batch", "8", "--batch-wait-ms", str(BATCH_WAIT_MS)]
@@ -44,7 +49,7 @@ def replicated_server(index_dir: Path, log: Path) -> Iterator[str]:
             assert server.poll() is None, f"mmel serve exited: {log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"mmel serve did not start: {log.read_text()[-3000:]}"
             time.sleep(1)
-        yield url
+        yield url, server.pid
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
@@ -59,9 +64,9 @@ def _answers(url: str) -> bool:
 def test_two_replicas_answer_like_one_server_and_batch_in_each(shared_linker, tiny_index, tmp_path) -> None:
     queries = [{"sentence": s, "mention": m, "top_k": 3} for s, m, _ in tiny_index.queries]
     alone = [shared_linker.link(q["sentence"], mention=q["mention"], top_k=3) for q in queries]
-    before = set(Path("/tmp").glob("mmel-ray-*"))
-    with replicated_server(tiny_index.index_dir, tmp_path / "serve.log") as url, \
+    with replicated_server(tiny_index.index_dir, tmp_path / "serve.log") as (url, pid), \
             httpx.Client(base_url=url, timeout=120) as client:
+        assert ray_sessions_of(pid)                 # it runs on a Ray of its own
         with ThreadPoolExecutor(max_workers=2 * len(queries)) as pool:
             responses = list(pool.map(lambda body: client.post("/link", json=body), queries * 2))
         assert [r.status_code for r in responses] == [200] * len(responses)
@@ -76,4 +81,4 @@ def test_two_replicas_answer_like_one_server_and_batch_in_each(shared_linker, ti
         assert client.get("/entities/Q90").json()["name"] == "Paris"
         sizes = {int(size) for _ in range(20) for size in client.get("/health").json()["link_calls_by_batch_size"]}
         assert max(sizes) > 1                       # requests met in one replica's linker call
-    assert set(Path("/tmp").glob("mmel-ray-*")) == before   # the server's Ray stopped and removed
+    assert ray_sessions_of(pid) == []               # which it stopped and removed
