@@ -10,6 +10,9 @@
     <index>/entity_cache/     EntityCacheStore: the model's per-entity cache for reranking; each segment
                               records the directory its entities' image paths are relative to
     <index>/nil.json          optional NilCalibration (`mmel index calibrate-nil`)
+    <index>/edit-journal.json, <index>/edit-staged/
+                              only while an add/remove/compact is under way, or after one was killed:
+                              the next `Linker.load` finishes or undoes it (`retrieval/edit_journal.py`)
 
 `mmel.retrieval.linker.Linker` opens it. Entity features come from the feature store when one is
 given (`build_features` reuses every entry already encoded), from a caller's FeatureTable
@@ -55,8 +58,6 @@ from mmel.retrieval.entity_encoding import (
     FeatureSource,
     StoredFeatures,
     TableFeatures,
-    encode_cache_and_vectors,
-    encode_entity_batches,
     encode_entity_side,
 )
 from mmel.retrieval.index import INDEX_KINDS, IndexConfig, VectorIndex, read_index_manifest
@@ -388,5 +389,5 @@ def _now() -> str:
 
 __all__ = ["FIRST_STAGES", "RERANKERS", "IndexBuildConfig", "IndexBuildReport", "ModelSpec", "build_index",
            "describe_index",
-           "encode_cache_and_vectors", "encode_entity_batches", "load_checked_backbone", "read_manifest",
+           "load_checked_backbone", "read_manifest",
            "weights_fingerprint", "write_manifest"]

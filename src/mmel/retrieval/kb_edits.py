@@ -55,6 +55,7 @@ from mmel.retrieval.edit_journal import (
     stage_added_entities,
 )
 from mmel.retrieval.entity_cache import SEGMENT_NAME, SEGMENTS_FILE, CompactionReport, EntityCacheStore
+from mmel.retrieval.entity_encoding import encode_cache_and_vectors, encode_entity_batches
 from mmel.retrieval.index import VectorIndex
 from mmel.retrieval.index_build import (
     BM25_DIR,
@@ -62,8 +63,6 @@ from mmel.retrieval.index_build import (
     ENTITIES_FILE,
     VECTORS_DIR,
     ModelSpec,
-    encode_cache_and_vectors,
-    encode_entity_batches,
     read_manifest,
     record_change,
     write_manifest,
