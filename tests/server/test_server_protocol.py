@@ -31,7 +31,7 @@ def served(serving, linker, index_dir, **settings) -> Iterator[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def server(shared_linker, tiny_index, serve_app) -> Iterator[tuple[str, int]]:
-    with served(serve_app, shared_linker, tiny_index.index_dir, body_timeout_s=1.0) as address:
+    with served(serve_app, shared_linker, tiny_index.index_dir, body_timeout_s=1.0, head_timeout_s=1.0) as address:
         yield address
 
 
@@ -62,6 +62,24 @@ def test_a_slow_body_gets_408_and_its_connection_closed(server, path, content_ty
     finally:
         for connection in connections:
             connection.close()
+
+
+@pytest.mark.parametrize("trickle", [b"", b"GET /health HTTP/1.1\r\nHost: x\r\n"])
+def test_a_request_head_that_does_not_arrive_closes_its_connection(server, trickle):
+    connections = [socket.create_connection(server, timeout=WAIT_S) for _ in range(5)]
+    try:
+        for connection in connections:
+            connection.sendall(trickle)
+        for connection in connections:
+            for _ in range(3):   # header lines keep trickling in: they must not move the deadline
+                with contextlib.suppress(OSError):
+                    connection.sendall(b"X-Slow: 1\r\n" if trickle else b"")
+            assert read_until_closed(connection) == b""
+    finally:
+        for connection in connections:
+            connection.close()
+    with httpx.Client(timeout=WAIT_S) as client:   # a client that sends its head at once is served
+        assert client.get(f"http://{server[0]}:{server[1]}/health").status_code == 200
 
 
 def test_a_client_hanging_up_mid_body_is_one_log_line_not_an_error(server, caplog):

@@ -29,6 +29,9 @@ class ServerSettings(BaseModel):
     body_timeout_s: float | None = Field(default=None, gt=0, description=(
         "a request body must arrive within this (else 408 and the connection is closed); "
         "default: request_timeout_s"))
+    head_timeout_s: float = Field(default=10.0, gt=0, description=(
+        "a request line and headers must arrive within this once a connection opens or a request starts "
+        "(else the connection is closed)"))
     link_batch_wait_ms: float = Field(default=2.0, ge=0, description=(
         "how long a POST /link waits for other requests to be linked with it in one call (dynamic batching; "
         "requests that queue up while a call runs join the next one regardless)"))
