@@ -57,8 +57,9 @@ class Engine(Protocol):
         With `ordered=False` pairs come as shards finish (any order); with `ordered=True` in shard
         order, holding back early finishers (a cluster engine then keeps at most a bounded number
         of results waiting). A worker's exception is raised here, after the results that came
-        before it; shards not yet finished are abandoned. Stopping the iteration early abandons
-        the rest too. A worker process that dies raises `WorkerLostError`.
+        before it; the other shards' results are dropped (a cluster engine lets the shards still
+        running finish first, so no write is cut short). Stopping the iteration early drops the
+        rest too. A worker process that dies raises `WorkerLostError`.
         """
         ...
 
