@@ -7,9 +7,10 @@ HTTP proxy listens on the settings' host and port and spreads requests over the 
 lets a replica hold `2 * max_batch` requests at a time, enough to fill a batch. Replicas on one
 node share the index files through the page cache where the index is memory-mapped.
 
-What differs from the single-process server: the proxy is Ray Serve's own uvicorn, so its limits
-on request heads (URL and header sizes, answered 414/431 by the app under `mmel serve`) are
-the proxy's, and `/health` describes whichever replica answers.
+What differs from the single-process server: the proxy is Ray Serve's own uvicorn, so what
+`mmel serve` sets on its uvicorn (`server.running`: the room for long URLs and header blocks
+that the app answers 414/431, the time a request head may take to arrive) is the proxy's own
+setting here; and `/health` describes whichever replica answers.
 """
 
 from __future__ import annotations
