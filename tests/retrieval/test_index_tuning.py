@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmel.core.errors import DataError, MismatchError
+from mmel.core.errors import DataError, MismatchError, UsageError
 from mmel.core.paths import atomic_write_json, read_json
 from mmel.retrieval.index import IndexConfig, VectorIndex
 from mmel.retrieval.index_tuning import (
@@ -114,3 +114,16 @@ def test_a_changed_faiss_file_is_refused_before_faiss_reads_it(entities, tmp_pat
     atomic_write_json(directory / "manifest.json", manifest)
     with pytest.raises(DataError, match="no 'faiss_sha256' recorded"):
         VectorIndex.load(directory)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_a_read_only_index_is_memory_mapped_searches_alike_and_refuses_changes(entities, kind, tmp_path):
+    index = VectorIndex.build(entities, qids(len(entities)), IndexConfig(kind=kind), progress=False)
+    mapped = VectorIndex.load(index.save(tmp_path / kind), read_only=True)
+    assert mapped.read_only and not index.read_only
+    assert mapped.search(entities[:7], 10).qids == index.search(entities[:7], 10).qids
+    for change in (lambda: mapped.add(entities[:1], ["NEW"]), lambda: mapped.remove(["Q1"]),
+                   lambda: mapped.update(["Q1"], entities[:1]), mapped.compact):
+        with pytest.raises(UsageError, match="read-only"):
+            change()
+    assert len(mapped) == len(entities)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mmel.core.config import ConfigError
-from mmel.core.errors import DataError, MismatchError, PathEscapeError
+from mmel.core.errors import DataError, MismatchError, PathEscapeError, UsageError
 from mmel.core.paths import atomic_write_json, read_json
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
 from mmel.models.mimic import MIMICConfig, MIMICModel
@@ -373,3 +373,12 @@ def test_an_int8_reranker_cache_links_like_the_float32_one(tiny_index, linker_ba
     assert [c.qid for c in quantized.candidates] == [c.qid for c in exact.candidates]
     np.testing.assert_allclose([c.score for c in quantized.candidates], [c.score for c in exact.candidates],
                                rtol=0.01)   # per-vector int8 steps move scores by well under a percent
+
+
+def test_a_read_only_linker_links_and_refuses_edits(tiny_index, linker_backbone):
+    sentence, surface, gold = tiny_index.queries[0]
+    with Linker.load(tiny_index.index_dir, backbone=linker_backbone, read_only=True) as linker:
+        assert linker.link(sentence, mention=surface, top_k=3).best.qid == gold
+        with pytest.raises(UsageError, match="opened read-only"):
+            linker.remove_entities([gold])
+        assert gold in [c.qid for c in linker.link(sentence, mention=surface, top_k=3).candidates]

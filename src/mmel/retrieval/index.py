@@ -190,6 +190,7 @@ class VectorIndex:
         self.dim = dim
         self.metadata = dict(metadata)
         self.tuning = tuning   # TuningResult.to_dict() of a tuned search setting, else None
+        self.read_only = False  # set by load(read_only=True): the vectors are a shared read-only mapping
         self.search_setting = config.fixed_search_setting(kind) or int((tuning or {}).get("value", 0))
         self._qid_by_id = qid_by_id
         self._id_by_qid = {qid: vector_id for vector_id, qid in enumerate(qid_by_id) if qid is not None}
@@ -258,17 +259,20 @@ class VectorIndex:
     # --- mutations --------------------------------------------------------------------------
     def add(self, vectors: np.ndarray, qids: Sequence[str]) -> None:
         """Add new entities; they are searchable as soon as this returns. Existing QIDs raise: use update()."""
+        self._check_writable()
         vectors = _as_matrix(vectors, "vectors", expected_dim=self.dim)
         with self._lock.writing():
             self._add_locked(vectors, qids, progress=False)
 
     def remove(self, qids: Sequence[str]) -> None:
         """Delete entities; no later search returns them. Unknown QIDs raise KeyError and nothing is removed."""
+        self._check_writable()
         with self._lock.writing():
             self._remove_locked(_unique_qids(qids, "qids"))
 
     def update(self, qids: Sequence[str], vectors: np.ndarray) -> None:
         """Replace the vectors of existing entities (a remove plus an add, seen by readers as one step)."""
+        self._check_writable()
         vectors = _as_matrix(vectors, "vectors", expected_dim=self.dim)
         qids = _checked_batch(vectors, qids)
         with self._lock.writing():
@@ -277,8 +281,14 @@ class VectorIndex:
 
     def compact(self) -> None:
         """Rebuild an HNSW graph without its tombstones (no-op for 'flat' and 'ivf', which delete for real)."""
+        self._check_writable()
         with self._lock.writing():
             self._compact_locked()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise UsageError("this vector index was opened read-only (memory-mapped); open it without read_only "
+                             "to change it")
 
     # --- tuning -----------------------------------------------------------------------------
     def _tune_locked(self, vectors: np.ndarray, queries: TuningQueries | None) -> None:
@@ -321,19 +331,27 @@ class VectorIndex:
         return directory
 
     @classmethod
-    def load(cls, directory: Path, *, expect: Mapping[str, Any] | None = None) -> VectorIndex:
-        """Open an index directory; each `expect` key must equal the saved metadata value, else MismatchError."""
+    def load(cls, directory: Path, *, expect: Mapping[str, Any] | None = None, read_only: bool = False,
+             ) -> VectorIndex:
+        """Open an index directory; each `expect` key must equal the saved metadata value, else MismatchError.
+
+        `read_only`: FAISS memory-maps the stored vectors instead of reading them into this process
+        (processes opening the same index share them through the page cache: batch-linking workers);
+        add, remove, update and compact then refuse.
+        """
         directory = Path(directory)
         manifest = read_index_manifest(directory)
         check_expected_metadata(manifest, expect or {}, source=directory / MANIFEST_FILE)
         id_map_path = directory / ID_MAP_FILE
         qid_by_id, tombstones = _parse_id_map(read_json(id_map_path), id_map_path)
         _check_faiss_checksum(directory / FAISS_FILE, manifest)
-        faiss_index = faiss.read_index(str(directory / FAISS_FILE))
+        faiss_index = faiss.read_index(str(directory / FAISS_FILE), faiss.IO_FLAG_MMAP_IFC if read_only else 0)
         _check_consistent(manifest, faiss_index, qid_by_id, tombstones, directory)
-        return cls(faiss_index, kind=manifest["kind"], config=IndexConfig.from_dict(manifest["config"]),
-                   dim=manifest["dim"], qid_by_id=qid_by_id, tombstones=tombstones, metadata=manifest["metadata"],
-                   tuning=manifest.get("tuning"))
+        index = cls(faiss_index, kind=manifest["kind"], config=IndexConfig.from_dict(manifest["config"]),
+                    dim=manifest["dim"], qid_by_id=qid_by_id, tombstones=tombstones, metadata=manifest["metadata"],
+                    tuning=manifest.get("tuning"))
+        index.read_only = read_only
+        return index
 
     # --- internals (callers hold the write lock) --------------------------------------------
     def _add_locked(self, vectors: np.ndarray, qids: Sequence[str], *, progress: bool) -> None:

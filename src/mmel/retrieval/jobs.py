@@ -85,8 +85,8 @@ class ChunkLinker:
     def __call__(self) -> _LoadedChunkLinker:
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        return _LoadedChunkLinker(Linker.load(self.index_dir), self.images_root, self.top_k, self.candidates_k,
-                                  owns_linker=True)
+        linker = Linker.load(self.index_dir, read_only=True)   # FAISS vectors shared through the page cache
+        return _LoadedChunkLinker(linker, self.images_root, self.top_k, self.candidates_k, owns_linker=True)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from mmel.backbones.base import Backbone
 from mmel.core.crashpoints import crash_point
-from mmel.core.errors import DataError, MismatchError, NotFoundError
+from mmel.core.errors import DataError, MismatchError, NotFoundError, UsageError
 from mmel.core.images import ImageReport
 from mmel.core.paths import read_json, remove_stale_temporaries, restore_interrupted_swap
 from mmel.core.types import Entity, KnowledgeBase
@@ -255,6 +255,9 @@ class KBEdits:
     def _check_unchanged_on_disk(self) -> None:
         """Refuse to edit from a stale view (another process changed the index since this one opened it), or
         over an edit that failed (an exception, not a kill) and is still journaled: reopening finishes it."""
+        if self._vectors.read_only:
+            raise UsageError(f"{self.directory} was opened read-only (Linker.load(read_only=True)); open it "
+                             "without read_only to change its entities")
         if (self.directory / JOURNAL_FILE).is_file():
             raise MismatchError(f"{self.directory}: an earlier edit did not finish; open the index again, which "
                                 "finishes it, then retry")

@@ -131,12 +131,15 @@ class Linker(KBEdits):
     # --- opening ----------------------------------------------------------------------------
     @classmethod
     def load(cls, index_dir: Path | str, *, expect_model: Path | str | None = None,
-             backbone: Backbone | None = None, backbone_config: BackboneConfig | None = None) -> Linker:
+             backbone: Backbone | None = None, backbone_config: BackboneConfig | None = None,
+             read_only: bool = False) -> Linker:
         """Open an index. `expect_model` (a checkpoint directory or its weights SHA-256) must be the indexed model.
 
         Pass an already loaded `backbone` to share one between linkers; it must be the index's backbone.
         `backbone_config.query_runtime` says how queries are encoded (default `auto`: the fastest
         runtime that costs no accuracy); `float32` is the exact path the feature store takes.
+        `read_only`: the FAISS vectors are memory-mapped, not read in (processes linking from the same
+        index share them through the page cache), and entity edits refuse.
         """
         directory = Path(index_dir)
         recovered = recover_interrupted_edit(directory)
@@ -162,7 +165,8 @@ class Linker(KBEdits):
         query_encoder = backbone if query_runtime == "float32" else _BlankImageMemo(
             query_backbone(exact, config.replace(query_runtime=query_runtime)))
         vectors = VectorIndex.load(directory / VECTORS_DIR, expect={"template": spec.template.to_dict(),
-                                                                    "max_text_length": spec.max_text_length})
+                                                                    "max_text_length": spec.max_text_length},
+                                   read_only=read_only)
         store = EntityStore.open(directory / ENTITIES_FILE)
         layout = CacheLayout.for_model(model, spec.max_text_length, spec.image_tokens)
         cache = EntityCacheStore.open(directory / CACHE_DIR, layout, vectors.qids())
