@@ -24,10 +24,15 @@ first stage and reranking as the index says, entity features exact), once per qu
 Hits@k / MRR of each, and how many top-1 answers differ from float32's; plus the fidelity of the
 runtime's vectors on every test mention text.
 
+`latency`: single-mention `Linker.link` p50 / p95 per query runtime on one index, interleaved
+mention by mention; two of every three mentions get a generated picture (as bench_linker.py).
+
     python bench/bench_query_encoding.py speed --dataset /work/data/wikimel --threads 1 2 \\
         --out bench/results/query-encoding-speed.json
     python bench/bench_query_encoding.py accuracy --dataset /work/data/wikimel --index /work/index/wikimel \\
         --out bench/results/query-encoding-wikimel.json
+    python bench/bench_query_encoding.py latency --dataset /work/data/wikimel --index /work/index/wikimel \
+        --threads 1 --out bench/results/query-encoding-latency.json
 """
 
 from __future__ import annotations
@@ -47,13 +52,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from PIL import Image
 
 from bench_encode import dataset_images, generated_images, generated_texts
-from bench_index import current_rss_mib, machine
+from bench_index import current_rss_mib, machine, percentiles_ms
 from mmel.backbones import load_backbone
 from mmel.backbones.base import BackboneConfig
 from mmel.backbones.minilm_effnet import MiniLMEffNetBackbone
@@ -190,10 +196,17 @@ def interleaved_medians(calls: Mapping[str, Sequence[Callable[[], object]]], rep
 
 
 def cosine_stats(fast: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Cosine min / mean over the last-dimension vectors, and the max abs difference."""
-    cosine = F.cosine_similarity(fast.float(), reference.float(), dim=-1).flatten()
+    """Cosine min / mean over the last-dimension vectors, and the max abs difference.
+
+    Vectors that are zero in the reference (patches where every ReLU6 channel is 0) have no
+    direction: they are left out of the cosines (counted) and show in the max abs difference.
+    """
+    fast, reference = fast.float().flatten(0, -2), reference.float().flatten(0, -2)   # [N, D]
+    directed = reference.norm(dim=-1) > 0
+    cosine = F.cosine_similarity(fast[directed], reference[directed], dim=-1)
     return {"cosine_min": round(float(cosine.min()), 6), "cosine_mean": round(float(cosine.mean()), 6),
-            "max_abs_diff": round(float((fast.float() - reference.float()).abs().max()), 6)}
+            "max_abs_diff": round(float((fast - reference).abs().max()), 6),
+            "zero_reference_vectors": int((~directed).sum())}
 
 
 def text_fidelity(backbone: MiniLMEffNetBackbone, reference: MiniLMEffNetBackbone, texts: list[str],
@@ -239,6 +252,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 def measure_round(threads: int, exact: MiniLMEffNetBackbone, text_set: list[Variant], image_set: list[Variant],
                   texts: list[str], images: list[Image.Image], args: argparse.Namespace) -> dict[str, Any]:
     batch = texts[:32]
+    load_at_start = [round(value, 2) for value in os.getloadavg()]
     with torch.inference_mode():
         text_single = interleaved_medians({v.name: [_encode_text(v.backbone, t) for t in texts[:args.single]]
                                            for v in text_set}, args.repeats)
@@ -248,7 +262,8 @@ def measure_round(threads: int, exact: MiniLMEffNetBackbone, text_set: list[Vari
                                             for v in image_set}, args.repeats)
         image_batch = interleaved_medians({v.name: [_encode_image(v.backbone, images[:32])] for v in image_set},
                                           max(1, args.repeats // 3))
-    round_result: dict[str, Any] = {"threads": threads, "load_average_at_start": list(os.getloadavg()),
+    round_result: dict[str, Any] = {"threads": threads, "load_average_at_start": load_at_start,
+                                    "load_average_after_timing": [round(value, 2) for value in os.getloadavg()],
                                     "text": [], "image": []}
     for kind, variants, single, batched, fidelity in (
             ("text", text_set, text_single, text_batch, lambda b: text_fidelity(b, exact, texts)),
@@ -359,14 +374,58 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def latency(args: argparse.Namespace) -> dict[str, Any]:
+    """Single-mention `Linker.link` latency per query runtime, interleaved mention by mention.
+
+    As in bench_linker.py, two of every three mentions get a picture (generated, 224+ px) so the
+    image network runs for them; the rest are text only.
+    """
+    from mmel.data import load_dataset
+    from mmel.retrieval.linker import Linker
+
+    torch.set_num_threads(args.threads[0])
+    dataset = load_dataset(args.dataset)
+    mentions = [m for m in dataset.splits[args.split] if m.span is not None][:args.mentions]
+    pictures = generated_images(len(mentions), seed=1)
+    exact = load_backbone("minilm_effnet")
+    linkers = {runtime: Linker.load(args.index[0], backbone=exact, backbone_config=BackboneConfig(
+        query_runtime=runtime, onnx_cache_dir=str(args.cache_dir) if args.cache_dir else None))
+        for runtime in args.runtimes}
+    load_at_start = [round(value, 2) for value in os.getloadavg()]
+    timings: dict[str, dict[str, list[float]]] = {r: {"with_image": [], "text_only": []} for r in linkers}
+    for position, (mention, picture) in enumerate(zip(mentions, pictures, strict=True)):
+        image = picture if position % 3 else None
+        for runtime, linker in linkers.items():
+            started = time.perf_counter()
+            linker.link(mention.sentence, span=mention.span, image=image, top_k=10, candidates_k=args.candidates)
+            timings[runtime]["text_only" if image is None else "with_image"].append(time.perf_counter() - started)
+    rows = []
+    reference = timings[args.runtimes[0]]
+    for runtime, kinds in timings.items():
+        every = kinds["with_image"] + kinds["text_only"]
+        row = {"query_runtime": runtime, **percentiles_ms(every),
+               "with_image": percentiles_ms(kinds["with_image"]), "text_only": percentiles_ms(kinds["text_only"]),
+               "p50_speedup": round(float(np.percentile(reference["with_image"] + reference["text_only"], 50)
+                                          / np.percentile(every, 50)), 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for linker in linkers.values():
+        linker.close()
+    return {"machine": {**machine(), **tool_versions_and_cpu(), "load_average_at_start": load_at_start,
+                        "load_average_at_end": [round(value, 2) for value in os.getloadavg()]},
+            "index": str(args.index[0]), "mentions": len(mentions), "candidates_k": args.candidates,
+            "threads": args.threads[0], "runtimes": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["speed", "accuracy"])
+    parser.add_argument("mode", choices=["speed", "accuracy", "latency"])
     parser.add_argument("--dataset", type=Path, help="dataset directory (test-split texts and its images)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--index", type=Path, nargs="+", help="accuracy: index directories of the dataset's KB")
     parser.add_argument("--runtimes", nargs="+", default=["float32", "onnx", "onnx-int8"])
-    parser.add_argument("--candidates", type=int, default=100, help="accuracy: first-stage K (= top_k kept)")
+    parser.add_argument("--candidates", type=int, default=100, help="first-stage K (accuracy: = top_k kept)")
+    parser.add_argument("--mentions", type=int, default=150, help="latency: test mentions linked one by one")
     parser.add_argument("--texts", type=int, default=256, help="speed: texts for fidelity; the first --single timed")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--single", type=int, default=16, help="speed: distinct inputs timed one by one")
@@ -375,10 +434,10 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, help="ONNX cache (default: $MMEL_CACHE_DIR/onnx)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.mode == "accuracy" and (args.dataset is None or not args.index):
-        parser.error("accuracy needs --dataset and --index")
+    if args.mode != "speed" and (args.dataset is None or not args.index):
+        parser.error(f"{args.mode} needs --dataset and --index")
     started = time.perf_counter()
-    result = speed(args) if args.mode == "speed" else accuracy(args)
+    result = {"speed": speed, "accuracy": accuracy, "latency": latency}[args.mode](args)
     result["command"] = "python bench/bench_query_encoding.py " + " ".join(sys.argv[1:])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     if args.out is not None:
