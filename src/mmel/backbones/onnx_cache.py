@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mmel.core.errors import UsageError
-from mmel.core.paths import remove_stale_temporaries
+from mmel.core.paths import mmel_cache_dir, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,7 @@ LOCK_FILE = ".lock"
 
 def default_onnx_cache_dir() -> Path:
     """`$MMEL_CACHE_DIR/onnx`, else `$XDG_CACHE_HOME/mmel/onnx` (`~/.cache/mmel/onnx`)."""
-    base = os.environ.get("MMEL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmel")
-    return Path(base) / "onnx"
+    return mmel_cache_dir() / "onnx"
 
 
 def tool_versions() -> dict[str, str]:

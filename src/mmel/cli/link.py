@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from mmel.cli.choices import QueryRuntimeName, QueryRuntimeOption
 from mmel.cli.engines import EngineName, EngineOption, RayAddressOption, WorkersOption, open_engine
 from mmel.cli.errors import exit_on_user_errors
 from mmel.core.types import LinkResult
@@ -37,12 +38,14 @@ def link(
     engine: EngineOption = EngineName.local,
     workers: WorkersOption = None,
     ray_address: RayAddressOption = None,
+    query_runtime: QueryRuntimeOption = QueryRuntimeName.auto,  # type: ignore[attr-defined]
 ) -> None:
     """Link a mention (--sentence with --mention or --span) or files of mentions (--input, --output).
 
     With --input and --engine ray, workers that each open the index link chunks of mentions; the
     results are appended here in input order, so the output equals the local engine's.
     """
+    from mmel.backbones.base import BackboneConfig
     from mmel.retrieval.jobs import result_record
     from mmel.retrieval.linker import Linker
 
@@ -51,11 +54,11 @@ def link(
             if output is None or sentence is not None:
                 raise typer.BadParameter("--input needs --output, and no --sentence")
             _link_files(index_dir, input_path, output, images_root, top_k, candidates_k, chunk_size,
-                        engine, workers, ray_address)
+                        engine, workers, ray_address, query_runtime.value)
             return
         if sentence is None:
             raise typer.BadParameter("give --sentence (with --mention or --span), or --input with --output")
-        with Linker.load(index_dir) as linker:
+        with Linker.load(index_dir, backbone_config=BackboneConfig(query_runtime=query_runtime.value)) as linker:
             result = linker.link(sentence, mention=mention, span=_parse_span(span) if span else None,
                                  image=image, top_k=top_k, candidates_k=candidates_k)
         typer.echo(json.dumps(result_record(result), ensure_ascii=False, indent=2) if as_json else _table(result))
@@ -63,12 +66,13 @@ def link(
 
 def _link_files(index_dir: Path, input_path: Path, output: Path, images_root: Path | None, top_k: int,
                 candidates_k: int, chunk_size: int, engine: EngineName, workers: int | None,
-                ray_address: str | None) -> None:
+                ray_address: str | None, query_runtime: str) -> None:
     from mmel.retrieval.jobs import link_mention_files
 
     with open_engine(engine, workers, ray_address) as runner:
         report = link_mention_files(index_dir, input_path, output, engine=runner, images_root=images_root,
-                                    top_k=top_k, candidates_k=candidates_k, chunk_size=chunk_size)
+                                    top_k=top_k, candidates_k=candidates_k, chunk_size=chunk_size,
+                                    query_runtime=query_runtime)
     typer.echo(f"{output}: {report.summary()}")
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mmel.cli.choices import QueryRuntimeName, QueryRuntimeOption
 from mmel.cli.engines import EngineName
 from mmel.cli.errors import exit_on_user_errors
 
@@ -35,6 +36,7 @@ def serve(
                       ] = EngineName.local,
     ray_address: Annotated[str | None, typer.Option(help="With --engine ray: join this Ray cluster (default: start "
                                                          "one for the server's life).")] = None,
+    query_runtime: QueryRuntimeOption = QueryRuntimeName.auto,  # type: ignore[attr-defined]
 ) -> None:
     """Serve POST /link, POST /link/batch, GET /entities/{qid}, GET /health, the docs at /docs and the page at /.
 
@@ -51,7 +53,8 @@ def serve(
     with exit_on_user_errors():
         settings = ServerSettings(index_dir=index_dir, host=host, port=port, token=token, max_batch=max_batch,
                                   max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
-                                  request_timeout_s=timeout, link_batch_wait_ms=batch_wait_ms)
+                                  request_timeout_s=timeout, link_batch_wait_ms=batch_wait_ms,
+                                  query_runtime=query_runtime.value)
         if host not in LOCAL_HOSTS and token is None:
             typer.echo(f"warning: serving on {host} without a token: anyone who can reach it can use it", err=True)
         if replicas > 1 or engine is EngineName.ray:

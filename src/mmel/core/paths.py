@@ -64,6 +64,13 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "a special file")
 
 
+def mmel_cache_dir() -> Path:
+    """mmel's cache root: `$MMEL_CACHE_DIR`, else `$XDG_CACHE_HOME/mmel` (`~/.cache/mmel`)."""
+    base = os.environ.get("MMEL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmel")
+    return Path(base)
+
+
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks (weights, FAISS files: what manifests record and check)."""
     digest = hashlib.sha256()

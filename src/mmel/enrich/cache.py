@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import sqlite3
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mmel.core.errors import DataError
+from mmel.core.paths import mmel_cache_dir
 
 CACHE_FILE_NAME = "enrich.sqlite"
 _SCHEMA = """
@@ -45,9 +45,7 @@ def default_cache_path() -> Path:
     Keys hold the entity's text hash (descriptions) or the image's content hash (captions), so one
     cache serves every copy of a KB without mixing answers up.
     """
-    base = os.environ.get("MMEL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmel")
-    return Path(base) / CACHE_FILE_NAME
+    return mmel_cache_dir() / CACHE_FILE_NAME
 
 
 def cache_key(*parts: object) -> str:

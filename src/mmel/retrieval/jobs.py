@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmel.backbones.base import BackboneConfig
 from mmel.core.crashpoints import crash_point
 from mmel.core.engine import Engine, LocalEngine, WorkerFactory, split_into_shards
 from mmel.core.errors import DataError, UsageError
@@ -81,11 +82,13 @@ class ChunkLinker:
     top_k: int = 10
     candidates_k: int = 100
     num_threads: int | None = None   # torch threads per worker; None keeps the process's setting
+    query_runtime: str = "auto"      # BackboneConfig.query_runtime of the workers' linkers
 
     def __call__(self) -> _LoadedChunkLinker:
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        linker = Linker.load(self.index_dir, read_only=True)   # FAISS vectors shared through the page cache
+        linker = Linker.load(self.index_dir, read_only=True,   # FAISS vectors shared through the page cache
+                             backbone_config=BackboneConfig(query_runtime=self.query_runtime))
         return _LoadedChunkLinker(linker, self.images_root, self.top_k, self.candidates_k, owns_linker=True)
 
 
@@ -131,7 +134,7 @@ def link_jsonl(linker: Linker, input_path: Path, output_path: Path, *, images_ro
 
 def link_mention_files(index_dir: Path, input_path: Path, output_path: Path, *, engine: Engine | None = None,
                        images_root: Path | None = None, top_k: int = 10, candidates_k: int = 100,
-                       chunk_size: int = 256, num_threads: int | None = None,
+                       chunk_size: int = 256, num_threads: int | None = None, query_runtime: str = "auto",
                        progress: bool = True) -> LinkFileReport:
     """Link a mentions file, or every mentions file of a directory, with the index at `index_dir`, on `engine`.
 
@@ -144,7 +147,7 @@ def link_mention_files(index_dir: Path, input_path: Path, output_path: Path, *, 
     input_path, output_path = Path(input_path), Path(output_path)
     engine = engine or LocalEngine()
     images_root = Path(images_root) if images_root is not None else default_images_root(input_path)
-    worker = ChunkLinker(Path(index_dir), images_root, top_k, candidates_k, num_threads)
+    worker = ChunkLinker(Path(index_dir), images_root, top_k, candidates_k, num_threads, query_runtime)
     reports = [_link_file(engine, worker, source, target, images_root, chunk_size, progress)
                for source, target in _input_output_pairs(input_path, output_path)]
     for other in reports[1:]:

@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
 from mmel import __version__
+from mmel.backbones.base import BackboneConfig
 from mmel.retrieval.linker import Linker
 from mmel.retrieval.queries import QueryError
 from mmel.server.batching import LinkBatcher
@@ -46,7 +47,8 @@ def create_app(settings: ServerSettings, *, linker: Linker | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = linker if linker is not None else Linker.load(settings.index_dir)
+        loaded = linker if linker is not None else Linker.load(
+            settings.index_dir, backbone_config=BackboneConfig(query_runtime=settings.query_runtime))
         app.state.linker = loaded
         app.state.batcher = LinkBatcher(loaded, max_batch=settings.max_batch,
                                         max_wait_s=settings.link_batch_wait_ms / 1000)

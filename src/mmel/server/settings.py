@@ -29,6 +29,8 @@ class ServerSettings(BaseModel):
     body_timeout_s: float | None = Field(default=None, gt=0, description=(
         "a request body must arrive within this (else 408 and the connection is closed); "
         "default: request_timeout_s"))
+    query_runtime: str = Field(default="auto", pattern="^(auto|float32|onnx|onnx-int8)$", description=(
+        "how queries are encoded (BackboneConfig.query_runtime)"))
     head_timeout_s: float = Field(default=10.0, gt=0, description=(
         "a request line and headers must arrive within this once a connection opens or a request starts "
         "(else the connection is closed)"))
