@@ -27,17 +27,14 @@ gives bit-identical features, and "local" is then the one-core baseline).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import filecmp
 import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +42,7 @@ from typing import Any
 import torch
 
 from bench_index import machine
-from bench_server import REQUEST_TIMEOUT_S, Variant, _wait_until_up, one_run
+from bench_server import Variant, mmel_serve, one_run
 from mmel.backbones import load_backbone
 from mmel.core.engine import Engine, LocalEngine
 from mmel.core.paths import atomic_write_json
@@ -176,32 +173,14 @@ def measure_serve(args: argparse.Namespace) -> dict[str, Any]:
                 "ray serve, 2 replicas": ["--engine", "ray", "--replicas", "2"]}
     results: dict[str, Any] = {}
     for name, options in variants.items():
-        with served(args.index, args.port, [*options, "--threads", "1", "--max-batch", str(args.max_batch)]) as url:
+        with mmel_serve(args.index, args.port, [*options, "--threads", "1", "--max-batch", str(args.max_batch)],
+                        stop=signal.SIGTERM) as url:
             results[name] = one_run(url, bodies, args.clients, Variant(name, args.max_batch), None, args.requests)
         print(name, {k: round(v, 1) if isinstance(v, float) else v for k, v in results[name].items()}, flush=True)
     base = results["ray serve, 1 replica"]["valid_requests_per_s"]
     return {"index": str(args.index), "split": args.split, "clients": args.clients, "requests": args.requests,
             "max_batch": args.max_batch, "top_k": args.top_k, "variants": results,
             "two_replicas_vs_one": round(results["ray serve, 2 replicas"]["valid_requests_per_s"] / base, 3)}
-
-
-@contextlib.contextmanager
-def served(index: Path, port: int, options: list[str]) -> Iterator[str]:
-    """`mmel serve INDEX OPTIONS` in a child process on 127.0.0.1:port; yields its URL once /health answers."""
-    command = [sys.executable, "-m", "mmel", "serve", str(index), "--host", "127.0.0.1", "--port", str(port), *options]
-    with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_until_up(server, url, log)
-            yield url
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=REQUEST_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 def same_files(left: Path, right: Path) -> bool:

@@ -90,13 +90,14 @@ class SharedWork:
 
 
 @contextlib.contextmanager
-def mmel_serve(index: Path, port: int, max_batch: int, threads: int) -> Iterator[str]:
-    """`mmel serve` in a child process on 127.0.0.1:port; yields its URL once /health answers.
+def mmel_serve(index: Path, port: int, options: list[str], *, stop: signal.Signals = signal.SIGINT) -> Iterator[str]:
+    """`mmel serve INDEX OPTIONS` in a child process on 127.0.0.1:port; yields its URL once /health answers.
 
-    Its log goes to a temporary file (a pipe nobody reads would fill up and stall the server).
+    Its log goes to a temporary file (a pipe nobody reads would fill up and stall the server). It is
+    stopped with `stop` (uvicorn shuts down gracefully on SIGINT; Ray Serve replicas on SIGTERM).
     """
     command = [sys.executable, "-m", "mmel", "serve", str(index), "--host", "127.0.0.1", "--port", str(port),
-               "--max-batch", str(max_batch), "--threads", str(threads)]
+               *options]
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}"
@@ -104,7 +105,7 @@ def mmel_serve(index: Path, port: int, max_batch: int, threads: int) -> Iterator
             _wait_until_up(server, url, log)
             yield url
         finally:
-            server.send_signal(signal.SIGINT)       # uvicorn shuts down gracefully on Ctrl-C
+            server.send_signal(stop)
             try:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -241,7 +242,8 @@ def main() -> None:
     load_before = [round(v, 2) for v in os.getloadavg()]
     for repeat in range(args.repeats):
         for variant in variants if repeat % 2 == 0 else variants[::-1]:   # A B, B A, ...: drift hits both alike
-            with mmel_serve(args.index, args.port, variant.max_batch, args.threads) as url:
+            with mmel_serve(args.index, args.port,
+                            ["--max-batch", str(variant.max_batch), "--threads", str(args.threads)]) as url:
                 run = one_run(url, bodies, args.clients, variant, args.duration_s, args.requests)
             runs[variant.name].append(run)
             shown = {k: round(v, 1) if isinstance(v, float) else v for k, v in run.items() if k != "server_index"}

@@ -279,7 +279,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     reported on its line, not as a decoding error without a place.
     """
     path = Path(path)
-    with _open_data_file(path) as handle:
+    with open_data_file(path) as handle:
         for line_number, raw in enumerate(handle, start=1):
             line = _decode_line(raw.removeprefix(_BOM) if line_number == 1 else raw, path, line_number)
             if not line.strip():
@@ -357,7 +357,7 @@ def _decode_line(raw: bytes, path: Path, line_number: int) -> str:
                         record=f"line {line_number}") from None
 
 
-def _open_data_file(path: Path) -> BinaryIO:
+def open_data_file(path: Path) -> BinaryIO:
     """`open_regular_file` with the failures a user can fix turned into `DataError` naming the file."""
     try:
         return open_regular_file(path)
@@ -368,7 +368,7 @@ def _open_data_file(path: Path) -> BinaryIO:
 
 
 def _read_data_file(path: Path) -> bytes:
-    with _open_data_file(path) as handle:
+    with open_data_file(path) as handle:
         return handle.read()
 
 

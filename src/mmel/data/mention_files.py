@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from mmel.core.errors import DataError, UsageError
-from mmel.core.paths import open_regular_file
+from mmel.core.paths import open_data_file
 from mmel.core.types import Mention
 from mmel.data.jsonl_format import mentions_from_records, read_mentions_jsonl
 
@@ -53,7 +53,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(`row <n>`, record without null values) for each row, read a row group at a time."""
     parquet = _import_parquet()
     row = 0
-    with _open(path) as handle:
+    with open_data_file(path) as handle:
         try:
             batches = parquet.ParquetFile(handle).iter_batches(batch_size=PARQUET_ROWS_PER_READ)
             for batch in batches:
@@ -63,15 +63,6 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         except (OSError, ValueError) as error:   # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"cannot read as Parquet: {error}", path=path,
                             record=f"row {row + 1}" if row else None) from None
-
-
-def _open(path: Path) -> BinaryIO:
-    try:
-        return open_regular_file(path)
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
-    except OSError as error:
-        raise DataError(f"cannot read: {error.strerror or error}", path=path) from None
 
 
 def _import_parquet() -> Any:
