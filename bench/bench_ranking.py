@@ -45,7 +45,7 @@ from mmel.data import load_dataset
 from mmel.evaluation.protocols import gold_rows_for, rank_full_kb
 from mmel.experiments.evaluate import RowSubset
 from mmel.experiments.ranking import ModelScorer, NaiveModelScorer
-from mmel.features.store import open_features
+from mmel.features.views import open_features
 from mmel.models import load_model
 from mmel.models.base import MelModel
 from mmel.retrieval.index_build import IndexBuildConfig, build_index

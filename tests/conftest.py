@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 from mmel.backbones import load_backbone
 from mmel.core.features import FeatureBatch
 from mmel.core.types import Dataset, Entity, KnowledgeBase, Mention
-from mmel.features.store import DatasetFeatures, build_features
+from mmel.features.store import build_features
+from mmel.features.views import DatasetFeatures
 from mmel.models.mimic import MIMICConfig, MIMICModel
 from mmel.retrieval.index_build import build_index
 from mmel.retrieval.linker import Linker

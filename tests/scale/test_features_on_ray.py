@@ -14,8 +14,9 @@ from mmel.backbones.clip import CLIPBackbone, create_random_clip
 from mmel.core.engine import WorkerLostError
 from mmel.core.types import Dataset
 from mmel.data.synthetic import generate_dataset
-from mmel.features.store import DatasetFeatures, build_features, describe_store, list_views, open_features
+from mmel.features.store import build_features
 from mmel.features.templates import get_template
+from mmel.features.views import DatasetFeatures, describe_store, list_views, open_features
 
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 

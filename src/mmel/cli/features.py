@@ -95,7 +95,7 @@ def build(
 def info(store: Annotated[Path, typer.Option("--store", help="Feature store directory.")],
          as_json: Annotated[bool, typer.Option("--json", help="Print the full description as JSON.")] = False) -> None:
     """Describe a feature store: its views per dataset and its cache namespaces."""
-    from mmel.features.store import describe_store
+    from mmel.features.views import describe_store
 
     with exit_on_user_errors():
         description = describe_store(store)

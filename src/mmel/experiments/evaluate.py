@@ -40,7 +40,7 @@ from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, as_num
 from mmel.evaluation.report import EvalReport, build_report
 from mmel.experiments import BASELINES, DIM_CANDIDATES, PROTOCOLS
 from mmel.experiments.ranking import ModelScorer
-from mmel.features.store import DatasetFeatures, list_views, open_features
+from mmel.features.views import DatasetFeatures, list_views, open_features
 from mmel.lexical.bm25 import BM25Index, query_text
 from mmel.lexical.fuzzy import FuzzyNameIndex
 from mmel.lexical.name_match import NameMatchIndex, name_match

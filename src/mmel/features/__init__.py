@@ -10,13 +10,13 @@ from typing import Any
 
 _EXPORTS = {
     "BuildReport": "mmel.features.store",
-    "DatasetFeatures": "mmel.features.store",
-    "StoredFeatureTable": "mmel.features.store",
+    "DatasetFeatures": "mmel.features.views",
+    "StoredFeatureTable": "mmel.features.views",
     "build_features": "mmel.features.store",
-    "describe_store": "mmel.features.store",
+    "describe_store": "mmel.features.views",
     "encode_items": "mmel.features.encoding",
-    "list_views": "mmel.features.store",
-    "open_features": "mmel.features.store",
+    "list_views": "mmel.features.views",
+    "open_features": "mmel.features.views",
     "TEMPLATES": "mmel.features.templates",
     "TextTemplate": "mmel.features.templates",
     "get_template": "mmel.features.templates",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmel.core.errors import DataError
 from mmel.core.paths import read_json
-from mmel.features.store import MANIFEST_FILE, directory_bytes, list_views
+from mmel.features.views import MANIFEST_FILE, directory_bytes, list_views
 
 
 @dataclass

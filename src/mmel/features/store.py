@@ -29,14 +29,14 @@ are stored as references to the single blank-image entry, never as copies of it.
 Further named text views (`extra_views`, e.g. DIM's `mention` and `caption`) go through the same
 text cache; a build keeps the further views and the splits a view already held.
 
-One writer per store at a time; readers may open views while a build runs elsewhere. The shards
-live in `shards.py`, the backbone calls in `encoding.py`, and reclaiming space in `prune.py`.
+One writer per store at a time; readers may open views while a build runs elsewhere. This module
+builds views; reading them is `views.py`, the shards live in `shards.py`, the backbone calls in
+`encoding.py` and `shard_encoder.py`, and reclaiming space in `prune.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import re
 import time
@@ -52,7 +52,6 @@ from tqdm.auto import tqdm
 from mmel.backbones.base import Backbone
 from mmel.core.engine import Engine, LocalEngine, split_into_shards
 from mmel.core.errors import DataError, MismatchError, UsageError
-from mmel.core.features import FeatureBatch, PooledView
 from mmel.core.images import ImageReport, read_image_bytes
 from mmel.core.paths import atomic_directory, atomic_write_json, read_json
 from mmel.core.types import Dataset
@@ -67,81 +66,25 @@ from mmel.features.shard_encoder import (
     image_arrays,
 )
 from mmel.features.shards import ShardCache, content_key
-from mmel.features.templates import TextTemplate, get_template, text_view
+from mmel.features.templates import get_template, text_view
+from mmel.features.views import (
+    ENTITY_TABLE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    DatasetFeatures,
+    ViewItem,
+    dataset_items,
+    directory_bytes,
+    extra_view_texts_by_table,
+    items_checksum,
+    open_view,
+    texts_checksum,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-ENTITY_TABLE = "entities"
-MANIFEST_FILE = "manifest.json"
 IMAGES_PER_TEXT_SHARD = 8   # image entries are ~30x larger than text entries: shards hold 1/8 as many
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-
-
-# --- reading ------------------------------------------------------------------------------------
-
-class StoredFeatureTable:
-    """A FeatureTable over one view table: references into memory-mapped shards."""
-
-    def __init__(self, name: str, view_dir: Path, text_cache: ShardCache, image_cache: ShardCache,
-                 text_shards: list[str], image_shards: list[str], blank: dict[str, np.ndarray],
-                 extra_views: Sequence[str] = ()):
-        self.name = name
-        self._extra = {view: (np.load(view_dir / f"{name}.view-{view}.global.npy", mmap_mode="r"),     # [N, Dt]
-                              np.load(view_dir / f"{name}.view-{view}.present.npy", mmap_mode="r"))    # [N]
-                       for view in extra_views}
-        self.text_refs = np.load(view_dir / f"{name}.text_refs.npy", mmap_mode="r")    # [N, 2]
-        self.image_refs = np.load(view_dir / f"{name}.image_refs.npy", mmap_mode="r")  # [N, 2]
-        self._text_global = np.load(view_dir / f"{name}.text_global.npy", mmap_mode="r")  # [N, Dt]
-        self._text_cache = text_cache
-        self._image_cache = image_cache
-        self._text_shards = text_shards
-        self._image_shards = image_shards
-        self._blank = blank
-
-    def __len__(self) -> int:
-        return len(self.text_refs)
-
-    @property
-    def has_image(self) -> np.ndarray:
-        """[N] bool: which items have a real image."""
-        return np.asarray(self.image_refs[:, 0] >= 0)
-
-    def text_global_matrix(self) -> np.ndarray:
-        """[N, Dt] global text vectors in item order, memory-mapped in the storage dtype."""
-        return self._text_global
-
-    def gather(self, rows: Sequence[int] | np.ndarray) -> FeatureBatch:
-        """Float32 CPU features of the items at `rows`."""
-        index = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if len(index) and (index.min() < -len(self) or index.max() >= len(self)):
-            raise IndexError(f"rows out of range for table {self.name!r} of {len(self)} items "
-                             f"(got min {index.min()}, max {index.max()})")
-        text_refs = np.asarray(self.text_refs[index])
-        image_refs = np.asarray(self.image_refs[index])
-        count = len(index)
-        first_shard = self._text_cache.arrays(self._text_shards[0])
-        tokens = np.empty((count, *first_shard["tokens"].shape[1:]), dtype=np.float32)    # [B, L, Dt]
-        mask = np.empty((count, *first_shard["mask"].shape[1:]), dtype=bool)              # [B, L]
-        self._text_cache.gather(self._text_shards, text_refs, "tokens", tokens)
-        self._text_cache.gather(self._text_shards, text_refs, "mask", mask)
-        image_global = np.repeat(self._blank["global"].astype(np.float32), count, axis=0)    # [B, Dg]
-        image_patches = np.repeat(self._blank["patches"].astype(np.float32), count, axis=0)  # [B, P, Dp]
-        self._image_cache.gather(self._image_shards, image_refs, "global", image_global)
-        self._image_cache.gather(self._image_shards, image_refs, "patches", image_patches)
-        return FeatureBatch(
-            text_global=torch.from_numpy(np.asarray(self._text_global[index], dtype=np.float32)),
-            text_tokens=torch.from_numpy(tokens), text_mask=torch.from_numpy(mask),
-            image_global=torch.from_numpy(image_global), image_patches=torch.from_numpy(image_patches),
-            has_image=torch.from_numpy(image_refs[:, 0] >= 0),
-            views={view: PooledView(torch.from_numpy(np.asarray(vectors[index], dtype=np.float32)),
-                                    torch.from_numpy(np.asarray(present[index], dtype=bool)))
-                   for view, (vectors, present) in self._extra.items()})
-
-    @property
-    def extra_views(self) -> list[str]:
-        """The further named text views this table holds."""
-        return list(self._extra)
 
 
 @dataclass
@@ -194,57 +137,7 @@ class BuildReport:
                 f"store {self.store_bytes / 2**20:.1f} MiB")
 
 
-@dataclass
-class DatasetFeatures:
-    """The features of one dataset under one (backbone, template, max length, dtype) view."""
-
-    view_dir: Path
-    manifest: dict[str, Any]
-    entities: StoredFeatureTable
-    mentions: dict[str, StoredFeatureTable]
-    report: BuildReport | None = field(default=None, compare=False)
-
-    @property
-    def view_id(self) -> str:
-        return self.view_dir.name
-
-    @property
-    def backbone_fingerprint(self) -> str:
-        return self.manifest["backbone"]["fingerprint"]
-
-    @property
-    def max_text_length(self) -> int:
-        return self.manifest["max_text_length"]
-
-    @property
-    def template(self) -> TextTemplate:
-        spec = self.manifest["template"]
-        return TextTemplate(spec["name"], spec["mention_format"], spec["entity_format"], spec["entity_field"])
-
-    def check_dataset(self, dataset: Dataset) -> None:
-        """Raise MismatchError unless `dataset` has the items (texts, image paths, order) these features describe."""
-        expected = self.manifest["tables"]
-        extras = _extra_view_tables(dataset, self.extra_views, list(self.mentions))
-        for table, items in _dataset_tables(dataset, self.template, list(self.mentions)).items():
-            checksums = {view: _texts_checksum(texts) for view, texts in extras[table].items()}
-            if (_table_checksum(items) != expected[table]["checksum"]
-                    or checksums != expected[table].get("extra_checksums", {})):
-                raise MismatchError(f"{self.view_dir}: table {table!r} was built from different items than dataset "
-                                    f"{dataset.name!r} has now; rebuild with `mmel features build`")
-
-    @property
-    def extra_views(self) -> list[str]:
-        """The further named text views of this view (e.g. DIM's `mention`, `caption`)."""
-        return list(self.manifest.get("extra_views", []))
-
-
 # --- building -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Item:
-    text: str
-    image: str | None   # path relative to the dataset root
-
 
 ShardCallback = Callable[[str, int], None]
 
@@ -280,8 +173,8 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
     view_names = sorted({text_view(name).name for name in extra_views} | set(_extra_views_in_view(view_dir)))
     if len(dataset.kb) == 0:
         raise DataError(f"dataset {dataset.name!r} has an empty knowledge base: nothing to encode", path=dataset.root)
-    tables = _dataset_tables(dataset, text_template, split_names)
-    extras = _extra_view_tables(dataset, view_names, split_names)
+    tables = dataset_items(dataset, text_template, split_names)
+    extras = extra_view_texts_by_table(dataset, view_names, split_names)
     namespace = Path(store_dir) / "cache" / backbone.fingerprint / dtype
     _write_backbone_info(namespace, backbone)
     text_dir, image_dir = namespace / f"text-L{max_text_length}", namespace / "image"
@@ -306,13 +199,13 @@ def build_features(dataset: Dataset, backbone: Backbone, store_dir: Path, *, tem
         "cache": str(namespace.relative_to(Path(store_dir))),
         "text_shards": text_cache.shard_names, "image_shards": image_cache.shard_names,
         "image_problems": dict(image_report.problems), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tables": {name: {"rows": len(items), "checksum": _table_checksum(items),
+        "tables": {name: {"rows": len(items), "checksum": items_checksum(items),
                           "with_image": sum(image_keys.get(item.image) is not None for item in items),
-                          "extra_checksums": {view: _texts_checksum(texts) for view, texts in extras[name].items()}}
+                          "extra_checksums": {view: texts_checksum(texts) for view, texts in extras[name].items()}}
                    for name, items in tables.items()},
     }
     _write_view(view_dir, manifest, tables, extras, text_cache, text_keys, image_cache, image_keys)
-    features = _open_view(Path(store_dir), view_dir, text_cache=text_cache, image_cache=image_cache, blank=blank)
+    features = open_view(Path(store_dir), view_dir, text_cache=text_cache, image_cache=image_cache, blank=blank)
     features.report = BuildReport(
         dataset=dataset.name, view_id=view_id, rows={name: len(items) for name, items in tables.items()},
         unique_texts=len(text_keys), texts_encoded=totals.entries["text"],
@@ -373,28 +266,10 @@ def _extra_views_in_view(view_dir: Path) -> list[str]:
     return list(read_json(manifest_path).get("extra_views", [])) if manifest_path.is_file() else []
 
 
-def _extra_view_tables(dataset: Dataset, view_names: Sequence[str],
-                       splits: Sequence[str]) -> dict[str, dict[str, list[str | None]]]:
-    """table -> further view -> each item's text in it (None where absent), for the views of the table's side."""
-    views = [text_view(name) for name in view_names]
-    tables = {ENTITY_TABLE: {v.name: [v.render(e) for e in dataset.kb] for v in views if v.side == "entity"}}
-    for split in splits:
-        mentions = dataset.split(split)
-        tables[f"mentions-{split}"] = {v.name: [v.render(m) for m in mentions] for v in views if v.side == "mention"}
-    return tables
-
-
-def _all_texts(tables: dict[str, list[_Item]], extras: dict[str, dict[str, list[str | None]]]) -> list[str]:
+def _all_texts(tables: dict[str, list[ViewItem]], extras: dict[str, dict[str, list[str | None]]]) -> list[str]:
     """Every text the view needs encoded: primary texts, then the present texts of further views."""
     texts = [item.text for items in tables.values() for item in items]
     return texts + [text for views in extras.values() for column in views.values() for text in column if text]
-
-
-def _texts_checksum(texts: Sequence[str | None]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(b"\x02" if text is None else text.encode("utf-8") + b"\x01")
-    return digest.hexdigest()
 
 
 def _check_build_options(dataset_name: str, dtype: str, batch_size: int, image_batch_size: int, shard_size: int,
@@ -407,20 +282,6 @@ def _check_build_options(dataset_name: str, dtype: str, batch_size: int, image_b
                         ("shard_size", shard_size), ("max_text_length", max_text_length)):
         if value < 1:
             raise UsageError(f"{name} must be positive, got {value}")
-
-
-def _dataset_tables(dataset: Dataset, template: TextTemplate, splits: Sequence[str]) -> dict[str, list[_Item]]:
-    tables = {ENTITY_TABLE: [_Item(template.entity_text(e), e.images[0] if e.images else None) for e in dataset.kb]}
-    for split in splits:
-        tables[f"mentions-{split}"] = [_Item(template.mention_text(m), m.image) for m in dataset.split(split)]
-    return tables
-
-
-def _table_checksum(items: Sequence[_Item]) -> str:
-    digest = hashlib.sha256()
-    for item in items:
-        digest.update(item.text.encode("utf-8") + b"\x00" + (item.image or "").encode("utf-8") + b"\x01")
-    return digest.hexdigest()
 
 
 def _text_keys(all_texts: Sequence[str]) -> dict[str, str]:
@@ -450,7 +311,7 @@ def _missing_image_shards(directory: Path, path_keys: dict[str, str | None], sha
             for chunk in split_into_shards(missing, shard_size)]
 
 
-def _hash_image_files(tables: dict[str, list[_Item]], root: Path, report: ImageReport,
+def _hash_image_files(tables: dict[str, list[ViewItem]], root: Path, report: ImageReport,
                       progress: bool) -> dict[str, str | None]:
     """Distinct image path -> content key of its bytes, or None (missing/unreadable, counted in `report`).
 
@@ -485,7 +346,7 @@ def _write_backbone_info(namespace: Path, backbone: Backbone) -> None:
         atomic_write_json(path, _backbone_info(backbone))
 
 
-def _write_view(view_dir: Path, manifest: dict[str, Any], tables: dict[str, list[_Item]],
+def _write_view(view_dir: Path, manifest: dict[str, Any], tables: dict[str, list[ViewItem]],
                 extras: dict[str, dict[str, list[str | None]]], text_cache: ShardCache, text_keys: dict[str, str],
                 image_cache: ShardCache, image_keys: dict[str | None, str | None]) -> None:
     with atomic_directory(view_dir) as tmp:
@@ -533,86 +394,4 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-# --- opening and describing ---------------------------------------------------------------------
-
-def open_features(store_dir: Path, dataset_name: str, *, view_id: str | None = None,
-                  backbone_fingerprint: str | None = None) -> DatasetFeatures:
-    """Open a dataset's features; with several views, pick one by `view_id` or `backbone_fingerprint`."""
-    dataset_dir = Path(store_dir) / "views" / dataset_name
-    views = sorted(p.name for p in dataset_dir.iterdir() if (p / MANIFEST_FILE).is_file()) \
-        if dataset_dir.is_dir() else []
-    if view_id is not None:
-        views = [v for v in views if v == view_id]
-    if backbone_fingerprint is not None:
-        views = [v for v in views if v.startswith(backbone_fingerprint + "-")]
-    if len(views) != 1:
-        available = ", ".join(list_views(store_dir).get(dataset_name, [])) or "none"
-        problem = "no" if not views else "more than one"
-        raise MismatchError(f"{store_dir}: {problem} feature view matches dataset {dataset_name!r} "
-                            f"(view_id={view_id!r}, backbone_fingerprint={backbone_fingerprint!r}); "
-                            f"available: {available}. Build one with `mmel features build`")
-    return _open_view(Path(store_dir), dataset_dir / views[0])
-
-
-def list_views(store_dir: Path) -> dict[str, list[str]]:
-    """dataset name -> view ids present in the store."""
-    views_dir = Path(store_dir) / "views"
-    if not views_dir.is_dir():
-        return {}
-    return {d.name: sorted(v.name for v in d.iterdir() if (v / MANIFEST_FILE).is_file())
-            for d in sorted(views_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")}
-
-
-def _open_view(store_dir: Path, view_dir: Path, *, text_cache: ShardCache | None = None,
-               image_cache: ShardCache | None = None, blank: dict[str, np.ndarray] | None = None) -> DatasetFeatures:
-    manifest = read_json(view_dir / MANIFEST_FILE)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise MismatchError(f"{view_dir}: feature view format {manifest.get('format_version')!r} is not "
-                            f"{FORMAT_VERSION}; rebuild with `mmel features build`")
-    namespace = store_dir / manifest["cache"]
-    text_cache = text_cache or ShardCache(namespace / f"text-L{manifest['max_text_length']}", TEXT_FIELDS)
-    image_cache = image_cache or ShardCache(namespace / "image", IMAGE_FIELDS)
-    if blank is None:
-        blank_dir = namespace / "image-blank"
-        if not blank_dir.is_dir():
-            raise DataError("blank-image features are missing; rebuild the features", path=blank_dir)
-        blank = {name: np.load(blank_dir / f"{name}.npy") for name in IMAGE_FIELDS}
-    tables = {name: StoredFeatureTable(name, view_dir, text_cache, image_cache, manifest["text_shards"],
-                                       manifest["image_shards"], blank,
-                                       list(manifest["tables"][name].get("extra_checksums", {})))
-              for name in manifest["tables"]}
-    mentions = {name.removeprefix("mentions-"): table for name, table in tables.items() if name != ENTITY_TABLE}
-    return DatasetFeatures(view_dir=view_dir, manifest=manifest, entities=tables[ENTITY_TABLE], mentions=mentions)
-
-
-def directory_bytes(directory: Path) -> int:
-    """Total size of the regular files under `directory`."""
-    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
-
-
-def describe_store(store_dir: Path) -> dict[str, Any]:
-    """A summary of a store: its views (with their manifests' key facts) and its cache namespaces."""
-    store_dir = Path(store_dir)
-    if not store_dir.is_dir():
-        raise DataError("feature store directory not found", path=store_dir)
-    views = []
-    for dataset_name, view_ids in list_views(store_dir).items():
-        for view_id in view_ids:
-            manifest = read_json(store_dir / "views" / dataset_name / view_id / MANIFEST_FILE)
-            views.append({"dataset": dataset_name, "view_id": view_id, "backbone": manifest["backbone"]["name"],
-                          "template": manifest["template"]["name"], "max_text_length": manifest["max_text_length"],
-                          "dtype": manifest["dtype"], "created": manifest["created"],
-                          "tables": {name: {k: v for k, v in table.items() if k != "checksum"}
-                                     for name, table in manifest["tables"].items()}})
-    caches = []
-    cache_root = store_dir / "cache"
-    for namespace in sorted(cache_root.glob("*/*")) if cache_root.is_dir() else []:
-        entries = {sub.name: len(ShardCache(sub, ()))
-                   for sub in sorted(namespace.iterdir()) if sub.is_dir() and sub.name != "image-blank"}
-        caches.append({"namespace": str(namespace.relative_to(store_dir)), "entries": entries,
-                       "bytes": directory_bytes(namespace)})
-    return {"store": str(store_dir), "views": views, "caches": caches, "total_bytes": directory_bytes(store_dir)}
-
-
-__all__ = ["BuildReport", "DatasetFeatures", "StoredFeatureTable", "build_features", "describe_store", "list_views",
-           "open_features"]
+__all__ = ["BuildReport", "build_features"]

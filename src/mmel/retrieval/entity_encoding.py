@@ -32,8 +32,8 @@ from mmel.core.features import FeatureBatch, FeatureTable
 from mmel.core.images import ImageReport, load_image
 from mmel.core.types import Entity
 from mmel.features.encoding import encode_items
-from mmel.features.store import open_features
 from mmel.features.templates import extra_view_texts
+from mmel.features.views import open_features
 from mmel.models import load_model
 from mmel.models.base import MelModel
 from mmel.retrieval.entity_cache import SegmentFiles

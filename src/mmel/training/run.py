@@ -32,8 +32,8 @@ from mmel.core.errors import MismatchError, MmelError
 from mmel.core.paths import atomic_write_json
 from mmel.core.types import Dataset
 from mmel.data import load_dataset
-from mmel.features.store import DatasetFeatures, list_views, open_features
 from mmel.features.templates import get_template, template_for_views
+from mmel.features.views import DatasetFeatures, list_views, open_features
 from mmel.models import MODELS
 from mmel.models.base import MelModel
 from mmel.training.datamodule import DataCounts, ItemTable, LinkedSplit, MelDataModule
