@@ -99,14 +99,10 @@ class SegmentFiles:
             for suffix, file_shape, dtype in self._files(name, (num_rows, *shape), kind):
                 create_npy(self.directory / f"{name}{suffix}.npy", file_shape, dtype)
 
-    def write(self, start: int, cache: Any) -> None:
-        """Write the rows of one model cache at rows [start, start + len(cache)) (int8: quantized here)."""
-        with self.writer() as write:
-            write(start, cache)
-
     @contextlib.contextmanager
     def writer(self) -> Iterator[Callable[[int, Any], None]]:
-        """`write(start, cache)` with every file held open (a worker writing many batches opens them once)."""
+        """`write(start, cache)`: the rows of one model cache at rows [start, start + len(cache)) (int8:
+        quantized here), with every file held open while the block runs (opened once for many batches)."""
         with contextlib.ExitStack() as open_files:
             files = {(name, suffix): open_files.enter_context(NpyRowWriter(self.directory / f"{name}{suffix}.npy"))
                      for name, (shape, kind) in self.layout.fields.items()
@@ -220,10 +216,10 @@ class EntityCacheStore:
 
         `metadata` (JSON) is kept with the segment, e.g. the directory its entities' image paths start from.
         """
-        with self.new_segment(qids, metadata=metadata) as files:
+        with self.new_segment(qids, metadata=metadata) as files, files.writer() as write:
             start = 0
             for cache in caches:
-                files.write(start, cache)
+                write(start, cache)
                 start += len(cache)
             if start != len(qids):
                 raise UsageError(f"{len(qids)} QIDs but {start} cached rows")
@@ -236,13 +232,19 @@ class EntityCacheStore:
         written every row by then.
         """
         name = self._next_segment_name()
+        with self._segment_files(name, qids) as files:
+            yield files
+        self._map_segment({"name": name, "metadata": dict(metadata or {})})
+        self._save_listing()
+
+    @contextlib.contextmanager
+    def _segment_files(self, name: str, qids: Sequence[str]) -> Iterator[SegmentFiles]:
+        """Segment `name`'s files sized for `qids`, written atomically (with its QID list) when the block ends."""
         with atomic_directory(self.directory / name) as tmp:
             files = SegmentFiles(tmp, self.layout, self.storage_dtype)
             files.allocate(len(qids))
             yield files
             atomic_write_json(tmp / QIDS_FILE, list(qids), indent=None)
-        self._map_segment({"name": name, "metadata": dict(metadata or {})})
-        self._save_listing()
 
     def compact(self, *, chunk_rows: int = 8192) -> CompactionReport:
         """Rewrite the live rows into fresh segments and delete the old ones (reclaims removed/updated rows)."""
@@ -255,12 +257,9 @@ class EntityCacheStore:
         new_infos = []
         for metadata, qids in groups.items():
             name = self._next_segment_name()
-            with atomic_directory(self.directory / name) as tmp:
-                files = SegmentFiles(tmp, self.layout, self.storage_dtype)
-                files.allocate(len(qids))
+            with self._segment_files(name, qids) as files, files.writer() as write:
                 for start in range(0, len(qids), chunk_rows):
-                    files.write(start, self.gather(qids[start:start + chunk_rows]))
-                atomic_write_json(tmp / QIDS_FILE, list(qids), indent=None)
+                    write(start, self.gather(qids[start:start + chunk_rows]))
             new_infos.append({"name": name, "metadata": json.loads(metadata)})
         self._segments, self._segment_info, self._location = [], [], {}
         for info in new_infos:
