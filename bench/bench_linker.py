@@ -49,6 +49,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -135,8 +136,8 @@ class Settings:
     def index_config(self, variant: Variant) -> IndexBuildConfig:
         """Dense first stage unless the options say otherwise (`--index-set vectors=model ...`), then the variant's."""
         options = {"first_stage": "dense", **dict(self.index_options), **dict(variant.index_options)}
-        fields = {field.name: field.type for field in dataclasses.fields(IndexBuildConfig)}
-        return IndexBuildConfig.from_dict({key: _typed(value, fields.get(key)) for key, value in options.items()})
+        # values read as YAML scalars, like `mmel train --set`: "16" -> 16, "0.995" -> 0.995, "int8" -> "int8"
+        return IndexBuildConfig.from_dict({key: yaml.safe_load(value) for key, value in options.items()})
 
     @property
     def sample_size(self) -> int:
@@ -147,16 +148,6 @@ class Settings:
         if size > self.exhaustive_max_entities:
             return 0
         return min(self.batch_queries, self.exhaustive_pairs // size)
-
-
-def _typed(value: str, annotation: Any) -> Any:
-    """A command-line string as the IndexBuildConfig field's type (int, float or str)."""
-    text = str(annotation)
-    if "int" in text and "float" not in text:
-        return int(value)
-    if "float" in text:
-        return float(value)
-    return value
 
 
 # --- synthetic entity features --------------------------------------------------------------------
