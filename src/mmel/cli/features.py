@@ -50,6 +50,12 @@ def build(
     shard_size: Annotated[int, typer.Option(min=1, help="Texts per shard (images: 1/8 of it); the unit of "
                                                         "resumption.")] = 2048,
     device: Annotated[str, typer.Option(help="Torch device for the encoders.")] = "cpu",
+    text_layer: Annotated[int | None, typer.Option(
+        min=1, help="Store the token states after this text layer instead of the last (the cache partial "
+                    "fine-tuning trains the layers above from; recipes' backbone.train_text_layers).")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="Encode with this checkpoint's backbone, fine-tuned text layers included (instead of --backbone).")
+                     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the build report as JSON here.")
                         ] = None,
     engine: EngineOption = EngineName.local,
@@ -62,13 +68,20 @@ def build(
     view that makes them visible is written once at the end, so a killed run loses only the shards
     in flight and a rerun does the rest.
     """
+    from mmel.backbones.text_layers import LowerTextLayers
     from mmel.features.store import build_features
+    from mmel.retrieval.index_build import ModelSpec, load_checked_backbone
 
     started = time.perf_counter()
     with exit_on_user_errors():
         dataset = load_dataset(dataset)
-        options = {"path": clip_path} if backbone.value == "clip" and clip_path else {}
-        encoder = load_backbone(backbone.value, device=device, **options)
+        if model is not None:
+            encoder = load_checked_backbone(ModelSpec.read(model))
+        else:
+            options = {"path": clip_path} if backbone.value == "clip" and clip_path else {}
+            encoder = load_backbone(backbone.value, device=device, **options)
+        if text_layer is not None:
+            encoder = LowerTextLayers(encoder, text_layer)
         loaded = time.perf_counter()
         with open_engine(engine, workers, ray_address) as runner:
             features = build_features(

@@ -35,8 +35,11 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(directory: Path, *, model_type: str, config: dict[str, Any],
                     state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None,
-                    card: str | None = None) -> Path:
-    """Write a checkpoint directory atomically and return its path."""
+                    card: str | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a checkpoint directory atomically and return its path.
+
+    `extra_files` are further files of the checkpoint (e.g. fine-tuned backbone layers), by file name.
+    """
     from mmel import __version__
 
     directory = Path(directory)
@@ -47,6 +50,11 @@ def save_checkpoint(directory: Path, *, model_type: str, config: dict[str, Any],
         save_file(clean_state_dict(state_dict), str(tmp / WEIGHTS_FILE), metadata={"model_type": model_type})
         if card is not None:
             (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE):
+                raise ValueError(f"extra checkpoint file {name!r} must be a plain file name other than the "
+                                 "checkpoint's own files")
+            (tmp / name).write_bytes(data)
     return directory
 
 

@@ -109,12 +109,6 @@ def _dense_block(features: DatasetFeatures | None, to_rank: SplitToRank) -> Scor
     return DenseScorer(features.entities).rows_scorer(to_rank.features)
 
 
-def _dense_block(features: DatasetFeatures | None, to_rank: SplitToRank) -> ScoreBlock:
-    if features is None or to_rank.features is None:
-        raise UsageError("dense retrieval needs the feature store: pass --features (built by `mmel features build`)")
-    return DenseScorer(features.entities).rows_scorer(to_rank.features)
-
-
 def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeatures | None = None,
              first_stage: str | None = None, num_candidates: int = 100, mention_batch_size: int = 64,
              sample: int = 0, seed: int = 0, name_prior_weight: float = 0.0, index_dir: Path | None = None,

@@ -335,9 +335,11 @@ def _blank_image_entry(namespace: Path, backbone: Backbone, dtype: str) -> dict[
 
 
 def _backbone_info(backbone: Backbone) -> dict[str, Any]:
+    """The backbone block of a view; `text_layer` is set for lower-layer token states (`LowerTextLayers`)."""
     return {"name": backbone.name, "fingerprint": backbone.fingerprint, "text_dim": backbone.text_dim,
             "image_global_dim": backbone.image_global_dim, "image_patch_dim": backbone.image_patch_dim,
-            "num_patches": backbone.num_patches, "image_size": backbone.image_size}
+            "num_patches": backbone.num_patches, "image_size": backbone.image_size,
+            "text_layer": getattr(backbone, "text_layer", None)}
 
 
 def _write_backbone_info(namespace: Path, backbone: Backbone) -> None:

@@ -214,9 +214,9 @@ class MelModel(nn.Module):
 
     # --- persistence ------------------------------------------------------------------------
     def save_pretrained(self, directory: Path, *, metadata: dict[str, Any] | None = None,
-                        card: str | None = None) -> Path:
+                        card: str | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
         return save_checkpoint(directory, model_type=self.config_class.model_type, config=self.config.to_dict(),
-                               state_dict=self.state_dict(), metadata=metadata, card=card)
+                               state_dict=self.state_dict(), metadata=metadata, card=card, extra_files=extra_files)
 
     @classmethod
     def from_pretrained(cls: type[M], directory: Path) -> M:

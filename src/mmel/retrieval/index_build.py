@@ -36,6 +36,7 @@ import torch
 
 from mmel.backbones import load_backbone
 from mmel.backbones.base import Backbone
+from mmel.backbones.text_layers import TEXT_LAYERS_KEY, apply_text_layers
 from mmel.core.checkpoint import WEIGHTS_FILE, read_checkpoint_header
 from mmel.core.config import ConfigBase, ConfigError
 from mmel.core.crashpoints import crash_point
@@ -144,6 +145,8 @@ class ModelSpec:
     views: FeatureViews = field(default_factory=FeatureViews)   # the text views the model reads (its class says)
     image_tokens: int = 49           # P: image tokens per item of the backbone's features (config.json "backbone")
     name_prior_weight: float = 0.0   # tuned weight of the surface-name match (config.json "inference"), 0 = none
+    directory: Path | None = None    # the checkpoint directory (where its fine-tuned text layers are)
+    text_layers: dict[str, Any] | None = None   # its fine-tuned text layers (backbones.text_layers), if any
 
     @classmethod
     def read(cls, checkpoint_dir: Path) -> ModelSpec:
@@ -157,7 +160,8 @@ class ModelSpec:
                    backbone_fingerprint=backbone.get("fingerprint"), template=template, views=views,
                    max_text_length=int(preprocess.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)),
                    image_tokens=int(backbone.get("num_patches", 49)),
-                   name_prior_weight=float((header.get("inference") or {}).get("name_prior_weight", 0.0)))
+                   name_prior_weight=float((header.get("inference") or {}).get("name_prior_weight", 0.0)),
+                   directory=Path(checkpoint_dir), text_layers=backbone.get(TEXT_LAYERS_KEY))
 
 
 @dataclass
@@ -204,8 +208,15 @@ def weights_fingerprint(checkpoint_dir: Path) -> str:
 
 
 def load_checked_backbone(spec: ModelSpec, backbone: Backbone | None = None) -> Backbone:
-    """The checkpoint's backbone (loaded by name unless given), refused when its fingerprint differs."""
-    backbone = backbone if backbone is not None else load_backbone(spec.backbone_name)
+    """The checkpoint's backbone (loaded by name unless given), refused when its fingerprint differs.
+
+    A loaded backbone gets the checkpoint's fine-tuned text layers, if it has any; a given one must
+    already have them (its fingerprint names them).
+    """
+    if backbone is None:
+        backbone = load_backbone(spec.backbone_name)
+        if spec.text_layers is not None and spec.directory is not None:
+            backbone = apply_text_layers(backbone, spec.directory, spec.text_layers)
     if backbone.name != spec.backbone_name:
         raise MismatchError(f"the model was trained on backbone {spec.backbone_name!r}, not {backbone.name!r}")
     if spec.backbone_fingerprint is not None and backbone.fingerprint != spec.backbone_fingerprint:

@@ -151,13 +151,14 @@ class TrainBatch:
     entities: ModelInput      # their B gold entities in the same order (labels = arange(B)), then any hard negatives
     entity_ids: torch.Tensor  # [N] int64 KB row of each entity column (tells duplicates apart)
     padding: bool = False     # a stand-in share of a process that the last global batch left without a row
+    name_match: torch.Tensor | None = None   # [B, N] surface-name match of each pair (model.name_signal)
 
     def __len__(self) -> int:
         return len(self.mentions)
 
     def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(self.mentions.to(device), self.entities.to(device), self.entity_ids.to(device),
-                          self.padding)
+                          self.padding, None if self.name_match is None else self.name_match.to(device))
 
 
 @dataclass
@@ -256,8 +257,9 @@ class MelDataModule(L.LightningDataModule):
     def __init__(self, entities: InputTable, train: LinkedSplit, dev: LinkedSplit | None, *,
                  data: DataSection | None = None, validation: ValidationSection | None = None,
                  train_entities: InputTable | None = None, entity_names: Sequence[str] | None = None,
-                 entity_texts: Sequence[str] | None = None, seed: int = 0):
-        """`entity_names` / `entity_texts` (KB row order) are needed by name-mined / TF-IDF negatives only.
+                 entity_texts: Sequence[str] | None = None, seed: int = 0, name_signal: bool = False):
+        """`entity_names` / `entity_texts` (KB row order) are needed by name-mined / TF-IDF negatives and
+        the name signal only; `name_signal` puts each training pair's surface-name match in the batch.
 
         `seed` fixes the training order (shuffled afresh every epoch from seed + epoch).
         """
@@ -266,6 +268,12 @@ class MelDataModule(L.LightningDataModule):
         self.entity_names = entity_names
         self.entity_texts = entity_texts
         self.tfidf_sampler: TfidfNegativeSampler | None = None
+        self.name_index: NameMatchIndex | None = None
+        if name_signal:
+            if entity_names is None or train.surfaces is None:
+                raise UsageError("model.name_signal needs the KB's entity names (entity_names) and the train "
+                                 "mentions' surface forms (LinkedSplit.from_dataset)")
+            self.name_index = NameMatchIndex(entity_names)
         self.entities = entities
         self.train_entities = train_entities if train_entities is not None else entities
         self.train_split = train
@@ -388,7 +396,17 @@ class MelDataModule(L.LightningDataModule):
             picks = torch.rand(pools.shape).argsort(dim=1)[:, :self.data_config.hard_negatives].numpy()
             columns = np.concatenate([columns, np.take_along_axis(pools, picks, axis=1).ravel()])
         return TrainBatch(mentions=self.train_split.table.gather(rows), entities=self.train_entities.gather(columns),
-                          entity_ids=torch.from_numpy(columns), padding=padding)
+                          entity_ids=torch.from_numpy(columns), padding=padding,
+                          name_match=self._name_match(rows, columns))
+
+    def _name_match(self, rows: Sequence[int] | np.ndarray, columns: np.ndarray) -> torch.Tensor | None:
+        """[B, N] name_match of each batch mention's surface against each entity column, or None."""
+        if self.name_index is None:
+            return None
+        surfaces = self.train_split.surfaces
+        scores = self.name_index.candidate_scores([surfaces[row] for row in rows],
+                                                  np.broadcast_to(columns, (len(rows), len(columns))))
+        return torch.from_numpy(scores.astype(np.float32))
 
     def collate_dev(self, rows: list[int]) -> DevBatch:
         split = self.dev_split

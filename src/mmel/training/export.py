@@ -20,6 +20,7 @@ import lightning as L
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from mmel.backbones.text_layers import TEXT_LAYERS_FILE, TopTextLayers
 from mmel.core.checkpoint import clean_state_dict
 from mmel.core.paths import atomic_write_bytes
 from mmel.models.base import MelModel
@@ -40,15 +41,22 @@ class ExportInfo:
     preprocess: dict[str, Any]
     data: dict[str, Any] = field(default_factory=dict)
     recipe: Recipe | None = None
+    inference: dict[str, Any] = field(default_factory=dict)
 
 
 def export_checkpoint(model: MelModel, directory: Path, info: ExportInfo, *, metrics: dict[str, float],
-                      selection: str) -> Path:
-    """Write `directory` atomically: weights, config with backbone/preprocess blocks, and the model card."""
+                      selection: str, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write `directory` atomically: weights, config with backbone/preprocess blocks, and the model card.
+
+    `info.inference` (e.g. a learned name-prior weight) becomes the config's "inference" block, which
+    linking reads; `extra_files` are written into the directory (fine-tuned text layers).
+    """
     training = {"selection": selection, "dev_metrics": metrics, "data": info.data,
                 "recipe": info.recipe.to_dict() if info.recipe is not None else None}
     metadata = {"backbone": info.backbone, "preprocess": info.preprocess, "training": training}
-    return model.save_pretrained(Path(directory), metadata=metadata,
+    if info.inference:
+        metadata["inference"] = info.inference
+    return model.save_pretrained(Path(directory), metadata=metadata, extra_files=extra_files,
                                  card=render_model_card(model, info, metrics=metrics, selection=selection))
 
 
@@ -126,10 +134,20 @@ class BestModelExporter(L.Callback):
 
     def _export(self, pl_module: L.LightningModule, metrics: dict[str, float], selection: str) -> None:
         info = self.info
+        extra_files: dict[str, bytes] = {}
         encoder = getattr(pl_module, "encoder", None)
-        if encoder is not None:
+        if isinstance(encoder, TopTextLayers):
+            data, fields = encoder.export(info.backbone.get("fingerprint", ""))
+            extra_files[TEXT_LAYERS_FILE] = data
+            info = replace(info, backbone={**info.backbone, **fields})
+        elif encoder is not None:
             info = replace(info, backbone={**info.backbone, **self._export_backbone(encoder.backbone)})
-        export_checkpoint(pl_module.model, self.directory, info, metrics=metrics, selection=selection)
+        name_signal = getattr(pl_module, "name_signal", None)
+        if name_signal is not None:
+            info = replace(info, inference={"name_prior_weight": round(name_signal.weight, 4),
+                                            "name_prior_source": "learned (model.name_signal)"})
+        export_checkpoint(pl_module.model, self.directory, info, metrics=metrics, selection=selection,
+                          extra_files=extra_files)
 
     def _export_backbone(self, backbone: nn.Module) -> dict[str, str]:
         """Write the fine-tuned backbone weights next to the checkpoint; return the backbone-block fields."""

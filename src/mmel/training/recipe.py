@@ -36,6 +36,10 @@ class ModelSection(ConfigBase):
 
     type: str = "mimic"
     options: dict[str, Any] = field(default_factory=dict)
+    # mmel option: the surface-name match (mmel.lexical.name_match) as a learned signal. Training adds
+    # a cross-entropy over score + w * name_match to the model's loss, w learned with it; the checkpoint
+    # stores the learned w as its name-prior weight, which linking adds as the tuned prior is added.
+    name_signal: bool = False
 
 
 @dataclass
@@ -47,6 +51,17 @@ class BackboneSection(ConfigBase):
     trainable: bool = False        # True fine-tunes the backbone with the model (the paper's recipe, §1.2)
     template: str = "mimic"        # text template (mmel.features.templates), §1.1
     max_text_length: int = 40      # §1.1
+    # mmel option (frozen backbone only): the top N text layers train with the model, from the token
+    # states below them cached in the store (`mmel features build --text-layer <layers - N>`); the
+    # checkpoint carries them (backbones/text_layers.py). 0: the text encoder stays frozen.
+    train_text_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train_text_layers < 0:
+            raise ConfigError(f"backbone.train_text_layers must be >= 0, got {self.train_text_layers}")
+        if self.train_text_layers and self.trainable:
+            raise ConfigError("backbone.train_text_layers trains the top text layers of a frozen backbone; "
+                              "with backbone.trainable the whole backbone trains already: set one of them")
 
 
 @dataclass
@@ -88,6 +103,8 @@ class OptimizerSection(ConfigBase):
     no_decay: tuple[str, ...] = ("bias", "LayerNorm.bias", "LayerNorm.weight")
     schedule: str = "constant"     # 'constant' (§1.8) or 'linear': warm up, then decay to 0 (DIM, §4.5)
     warmup_steps: int = 0          # optimizer steps of linear warm-up from 0 (DIM: 100)
+    backbone_lr: float = 0.0       # learning rate of trained text layers (backbone.train_text_layers); 0 = lr
+    name_signal_lr: float = 1.0e-2  # learning rate of the name signal's log-weight (model.name_signal)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

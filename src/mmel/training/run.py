@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from mmel.backbones import load_backbone
+from mmel.backbones.text_layers import TopTextLayers
 from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError, MmelError
 from mmel.core.paths import atomic_write_json
@@ -40,7 +41,7 @@ from mmel.training.datamodule import DataCounts, ItemTable, LinkedSplit, MelData
 from mmel.training.export import BestModelExporter, ExportInfo
 from mmel.training.plots import plot_training_curve
 from mmel.training.recipe import ModelSection, Recipe, TrainerSection, save_recipe
-from mmel.training.system import MONITOR, BackboneEncoder, MelSystem
+from mmel.training.system import MONITOR, BackboneEncoder, MelSystem, NameSignal
 
 logger = logging.getLogger(__name__)
 WIDTH_KEYS = ("text_dim", "image_global_dim", "image_patch_dim")
@@ -71,7 +72,7 @@ class RunInputs:
     datamodule: MelDataModule
     widths: dict[str, int]
     info: ExportInfo
-    encoder: BackboneEncoder | None = None
+    encoder: BackboneEncoder | TopTextLayers | None = None
 
 
 # --- building the pieces -----------------------------------------------------------------------
@@ -88,20 +89,37 @@ def build_model(section: ModelSection, widths: dict[str, int]) -> MelModel:
 
 
 def stored_inputs(recipe: Recipe, dataset: Dataset, features_dir: Path) -> RunInputs:
-    """Frozen backbone: features from the store, checked against the dataset and the recipe."""
-    features = _open_matching_view(recipe, dataset, Path(features_dir))
+    """Frozen backbone: features from the store, checked against the dataset and the recipe.
+
+    With `backbone.train_text_layers`, the store holds the token states below the trained layers and
+    a `TopTextLayers` copy of the backbone's top layers turns them into features, with gradients.
+    """
+    top_layers = _top_text_layers(recipe)
+    features = _open_matching_view(recipe, dataset, Path(features_dir),
+                                   text_layer=None if top_layers is None else top_layers.first)
     splits = [recipe.data.train_split, recipe.data.dev_split]
     missing = [split for split in splits if split in dataset.splits and split not in features.mentions]
     if missing:
         raise MismatchError(f"{features.view_dir}: no features for split(s) {missing}; rebuild them with "
                             f"`mmel features build --splits {','.join(splits)}`")
-    backbone = features.manifest["backbone"]
-    info = ExportInfo(backbone=dict(backbone), preprocess=_preprocess_block(features.manifest["template"],
-                                                                            features.max_text_length, backbone),
+    backbone = {key: value for key, value in features.manifest["backbone"].items() if key != "text_layer"}
+    if top_layers is not None:        # the checkpoint's backbone is the full encoder, not the cached layers
+        backbone["fingerprint"] = backbone["fingerprint"].removesuffix(f"+text-layer{top_layers.first}")
+    info = ExportInfo(backbone=backbone, preprocess=_preprocess_block(features.manifest["template"],
+                                                                      features.max_text_length, backbone),
                       recipe=recipe)
     datamodule = _datamodule(recipe, dataset, features.entities, {s: features.mentions[s] for s in splits
                                                                    if s in features.mentions})
-    return RunInputs(datamodule, {key: int(backbone[key]) for key in WIDTH_KEYS}, info)
+    return RunInputs(datamodule, {key: int(backbone[key]) for key in WIDTH_KEYS}, info, encoder=top_layers)
+
+
+def _top_text_layers(recipe: Recipe) -> TopTextLayers | None:
+    """The trainable top text layers of `backbone.train_text_layers`, copied from the pretrained backbone."""
+    section = recipe.backbone
+    if section.train_text_layers == 0:
+        return None
+    backbone = load_backbone(section.name, **({"path": section.path} if section.path else {}))
+    return TopTextLayers.from_backbone(backbone, section.train_text_layers)
 
 
 def end_to_end_inputs(recipe: Recipe, dataset: Dataset) -> RunInputs:
@@ -134,25 +152,34 @@ def _datamodule(recipe: Recipe, dataset: Dataset, entities: Any, tables: dict[st
     return MelDataModule(entities, LinkedSplit.from_dataset(dataset, train_split, tables[train_split]), dev,
                          data=recipe.data, validation=recipe.validation, seed=recipe.trainer.seed,
                          entity_names=[entity.name for entity in dataset.kb],
-                         entity_texts=[entity.text("description") for entity in dataset.kb], **options)
+                         entity_texts=[entity.text("description") for entity in dataset.kb],
+                         name_signal=recipe.model.name_signal, **options)
 
 
-def _open_matching_view(recipe: Recipe, dataset: Dataset, features_dir: Path) -> DatasetFeatures:
+def _open_matching_view(recipe: Recipe, dataset: Dataset, features_dir: Path, *, text_layer: int | None
+                        ) -> DatasetFeatures:
+    """The one view of the recipe's backbone, template and length (token states after `text_layer`, if given).
+
+    Views of fine-tuned backbones (`mmel features build --model`) are not training inputs.
+    """
     wanted = {"backbone": recipe.backbone.name, "template": recipe.backbone.template,
-              "max_text_length": recipe.backbone.max_text_length}
+              "max_text_length": recipe.backbone.max_text_length, "text_layer": text_layer, "fine_tuned": False}
     views = list_views(features_dir).get(dataset.name, [])
     matching = []
     for view in views:
         features = open_features(features_dir, dataset.name, view_id=view)
-        found = {"backbone": features.manifest["backbone"]["name"], "template": features.template.name,
-                 "max_text_length": features.max_text_length}
+        backbone = features.manifest["backbone"]
+        found = {"backbone": backbone["name"], "template": features.template.name,
+                 "max_text_length": features.max_text_length, "text_layer": backbone.get("text_layer"),
+                 "fine_tuned": "+text-layers-" in backbone["fingerprint"]}
         if found == wanted:
             matching.append(features)
     if len(matching) != 1:
+        layer_option = "" if text_layer is None else f" --text-layer {text_layer}"
         raise MismatchError(f"{features_dir}: {len(matching)} feature views of dataset {dataset.name!r} match the "
                             f"recipe's {wanted} (views: {', '.join(views) or 'none'}); build them with "
                             f"`mmel features build {dataset.root} --store {features_dir} --backbone "
-                            f"{wanted['backbone']}`")
+                            f"{wanted['backbone']}{layer_option}`")
     matching[0].check_dataset(dataset)
     return matching[0]
 
@@ -207,7 +234,7 @@ def _configure_torch(recipe: Recipe) -> None:
 
 
 def fit(model: MelModel, datamodule: MelDataModule, recipe: Recipe, out_dir: Path, info: ExportInfo, *,
-        encoder: BackboneEncoder | None = None, resume: bool = False) -> TrainResult:
+        encoder: BackboneEncoder | TopTextLayers | None = None, resume: bool = False) -> TrainResult:
     """Run (or resume) Lightning training of `model`; export the best weights to `out_dir/best`."""
     out_dir = Path(out_dir)
     last = out_dir / "checkpoints" / "last.ckpt"
@@ -218,6 +245,7 @@ def fit(model: MelModel, datamodule: MelDataModule, recipe: Recipe, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     system = MelSystem(model, recipe.optimizer, validation=recipe.validation, encoder=encoder,
+                       name_signal=NameSignal() if recipe.model.name_signal else None,
                        progress=recipe.trainer.progress)
     exporter = BestModelExporter(out_dir / "best", info)
     datamodule.setup("fit")

@@ -1,7 +1,9 @@
 """MelSystem: the LightningModule that trains any MelModel; the model itself stays a plain nn.Module.
 
-Two ways to get features, one system:
+Three ways to get features, one system:
 - frozen backbone: batches carry `FeatureBatch`es read from the feature store, only the model trains;
+- top text layers (`backbone.train_text_layers`): the stored features hold the token states of a lower
+  text layer, and `TopTextLayers` runs the layers above them, trained with the model;
 - end to end (the paper's recipe, models.md §1.2): batches carry texts and images (`ItemBatch`),
   which `BackboneEncoder` turns into features with gradients, so the backbone trains with the model.
 
@@ -26,11 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmel.backbones.base import Backbone
+from mmel.backbones.text_layers import TopTextLayers
 from mmel.core.errors import UsageError
 from mmel.core.features import FeatureBatch
 from mmel.evaluation import rank_full_kb, ranking_metrics, ranks_from_counts
 from mmel.features.encoding import encode_items
 from mmel.models.base import MelModel
+from mmel.models.losses import masked_cross_entropy, usable_columns
 from mmel.models.outputs import MatchOutput
 from mmel.training.data_parallel import gather_train_batch, gather_varying_rows
 from mmel.training.datamodule import DevBatch, InputTable, ItemBatch, ModelInput, TrainBatch
@@ -60,6 +64,29 @@ class BackboneEncoder(nn.Module):
                             batch_size=max(len(items), 1))
 
 
+class NameSignal(nn.Module):
+    """The surface-name match as a learned signal: score + w * name_match, w = exp(log_weight) > 0, learned.
+
+    Its loss is a cross-entropy over the combined scores (copies of a row's gold left out), added to
+    the model's own: where the name already tells the gold apart the term is small, so what it
+    teaches is the namesakes (same name, different entity) that only the model's context can rank.
+    """
+
+    def __init__(self, initial_weight: float = 8.0):
+        super().__init__()
+        self.log_weight = nn.Parameter(torch.tensor(float(initial_weight)).log())
+
+    @property
+    def weight(self) -> float:
+        return float(self.log_weight.detach().exp())
+
+    def loss(self, scores: torch.Tensor, name_match: torch.Tensor, labels: torch.Tensor,
+             entity_ids: torch.Tensor) -> torch.Tensor:
+        """scores, name_match [B, N]; labels [B]; entity_ids [N] -> the CE of scores + w * name_match."""
+        combined = scores + self.log_weight.exp() * name_match.to(scores.dtype)
+        return masked_cross_entropy(combined, labels, usable_columns(labels, scores.shape[1], entity_ids))
+
+
 class MelSystem(L.LightningModule):
     """Unit-consistency training (§1.7) and full-KB dev ranking (§1.9) for any MelModel.
 
@@ -67,11 +94,14 @@ class MelSystem(L.LightningModule):
     """
 
     def __init__(self, model: MelModel, optimizer: OptimizerSection | None = None, *,
-                 validation: ValidationSection | None = None, encoder: BackboneEncoder | None = None,
-                 progress: bool = True):
+                 validation: ValidationSection | None = None, encoder: BackboneEncoder | TopTextLayers | None = None,
+                 name_signal: NameSignal | None = None, progress: bool = True):
+        """`encoder` turns a batch's inputs into features with gradients: raw items (`BackboneEncoder`, end to
+        end) or cached lower-layer states (`TopTextLayers`, partial fine-tuning); None: features as stored."""
         super().__init__()
         self.model = model
         self.encoder = encoder
+        self.name_signal = name_signal
         self.optimizer_config = optimizer or OptimizerSection()
         self.validation_config = validation or ValidationSection()
         self.progress = progress
@@ -80,17 +110,19 @@ class MelSystem(L.LightningModule):
 
     # --- features -------------------------------------------------------------------------------
     def featurize(self, inputs: ModelInput) -> FeatureBatch:
-        if isinstance(inputs, FeatureBatch):
-            return inputs
-        if self.encoder is None:
+        if self.encoder is not None:
+            return self.encoder(inputs)
+        if not isinstance(inputs, FeatureBatch):
             raise TypeError("this system has no backbone to encode raw items; give it FeatureBatch inputs "
                             "or an encoder (BackboneEncoder)")
-        return self.encoder(inputs)
+        return inputs
 
     # --- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """Backbones load in eval mode; training mode is what the release trains in (Lightning's model.train())."""
         if self.trainer.world_size > 1:
+            if self.name_signal is not None:
+                raise UsageError("model.name_signal trains on one device only (trainer.devices=1, trainer.num_nodes=1)")
             if "rows" not in inspect.signature(self.model.forward).parameters:
                 raise UsageError(f"{type(self.model).__name__}.forward takes no `rows`, so it cannot score a share "
                                  "of a batch: train it on one device (trainer.devices=1, trainer.num_nodes=1)")
@@ -104,6 +136,12 @@ class MelSystem(L.LightningModule):
         if self.trainer.world_size == 1:
             labels = torch.arange(len(batch), device=batch.entity_ids.device)  # gold entity i is column i (§1.7)
             output = self.model(mentions, entities, labels=labels, entity_ids=batch.entity_ids)
+            if self.name_signal is not None and batch.name_match is not None:
+                name_loss = self.name_signal.loss(output.scores, batch.name_match, labels, batch.entity_ids)
+                output.unit_losses = {**output.unit_losses, "name_signal": name_loss}
+                output.loss = output.loss + name_loss
+                self.log("train/name_weight", self.name_signal.weight, on_step=False, on_epoch=True,
+                         batch_size=len(batch))
             return self._log_losses(output.loss, output.unit_losses, len(batch))
         output, batch_size = self._share_of_global_batch(mentions, entities, batch)
         return self._log_losses(output.loss, output.unit_losses, batch_size)
@@ -144,12 +182,7 @@ class MelSystem(L.LightningModule):
         then falls linearly to 0 at the last step of the run (DIM's schedule, §4.5).
         """
         config = self.optimizer_config
-        decay, no_decay = [], []
-        for name, parameter in self.named_parameters():
-            if parameter.requires_grad:
-                (no_decay if any(part in name for part in config.no_decay) else decay).append(parameter)
-        groups = [{"params": decay, "weight_decay": config.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = self._parameter_groups(config)
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
         if config.schedule == "constant" and config.warmup_steps == 0:
             return optimizer
@@ -163,6 +196,25 @@ class MelSystem(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _parameter_groups(self, config: OptimizerSection) -> list[dict[str, Any]]:
+        """(decayed, not decayed) for the model, and for trained text layers at `backbone_lr` when set;
+        the name signal's one weight at `name_signal_lr`, without decay."""
+        groups = []
+        parts = [(self.model, config.lr), (self.encoder, config.backbone_lr or config.lr)]
+        for module, lr in parts:
+            if module is None:
+                continue
+            decay, no_decay = [], []
+            for name, parameter in module.named_parameters():
+                if parameter.requires_grad:
+                    (no_decay if any(part in name for part in config.no_decay) else decay).append(parameter)
+            groups += [{"params": decay, "weight_decay": config.weight_decay, "lr": lr},
+                       {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+        if self.name_signal is not None:
+            groups.append({"params": list(self.name_signal.parameters()), "weight_decay": 0.0,
+                           "lr": config.name_signal_lr})
+        return [group for group in groups if group["params"]]
 
     # --- validation: full-KB ranking ----------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -215,4 +267,4 @@ class MelSystem(L.LightningModule):
         return gathered[:, 0], gathered[:, 1]
 
 
-__all__ = ["MONITOR", "BackboneEncoder", "MelSystem"]
+__all__ = ["MONITOR", "BackboneEncoder", "MelSystem", "NameSignal"]
