@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from mmel.backbones import load_backbone
 from mmel.backbones.text_layers import TEXT_LAYERS_FILE, LowerTextLayers, TopTextLayers, text_layer_stack
+from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError, UsageError
 from mmel.core.types import Dataset
 from mmel.features.store import build_features
@@ -21,7 +22,7 @@ from mmel.features.templates import get_template
 from mmel.retrieval.index_build import ModelSpec, build_index, load_checked_backbone
 from mmel.retrieval.linker import Linker
 from mmel.training.recipe import load_recipe
-from mmel.training.run import build_model, fit, stored_inputs
+from mmel.training.run import _check_model_reads, build_model, fit, stored_inputs
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +145,20 @@ def _text_batch(text):
     return FeatureBatch(text_global=text.global_, text_tokens=text.tokens, text_mask=text.mask,
                         image_global=torch.zeros(count, 1280), image_patches=torch.zeros(count, 49, 1280),
                         has_image=torch.zeros(count, dtype=torch.bool))
+
+
+def test_m3el_trains_with_top_text_layers_and_dim_is_refused(tmp_path, tiny_dataset, linker_backbone) -> None:
+    """The top layers refine the primary text for any model; DIM's further pooled views they cannot refine."""
+    store = tmp_path / "store"
+    build_features(tiny_dataset, LowerTextLayers(linker_backbone, 5), store, template="m3el", max_text_length=24,
+                   progress=False)
+    recipe = load_recipe("m3el-synthetic-small-cpu", [
+        "backbone.train_text_layers=1", "model.options.hidden_dim=8", "data.batch_size=9", "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1", "trainer.progress=false", "validation.entity_batch_size=4"])
+    inputs = stored_inputs(recipe, tiny_dataset, store)
+    fit(build_model(recipe.model, inputs.widths), inputs.datamodule, recipe, tmp_path / "run", inputs.info,
+        encoder=inputs.encoder)
+    assert (tmp_path / "run" / "best" / TEXT_LAYERS_FILE).is_file()
+    dim = load_recipe("dim-wikimel-cpu", ["backbone.train_text_layers=1"])
+    with pytest.raises(ConfigError, match="further text views"):
+        _check_model_reads(build_model(dim.model, inputs.widths), dim, inputs.datamodule)

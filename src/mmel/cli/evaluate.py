@@ -55,6 +55,9 @@ def evaluate(
                                 num_candidates=candidates, sample=sample, seed=seed, name_prior_weight=name_prior,
                                 index_dir=index)
         console.print(report.to_markdown())
+        if "errors" in report.extra:
+            kinds = ", ".join(f"{kind} {count}" for kind, count in report.extra["errors"].items())
+            console.print(f"errors by type: {kinds}")
         if out is not None:
             json_path, markdown_path = write_report(report, out)
             console.print(f"wrote {json_path} and {markdown_path}")

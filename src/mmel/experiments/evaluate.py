@@ -39,6 +39,7 @@ from mmel.evaluation.candidate_protocol import rank_dim_candidates
 from mmel.evaluation.protocols import FULL_KB, RankingResult, ScoreBlock, as_numpy_scores, gold_rows_for, rank_full_kb
 from mmel.evaluation.report import EvalReport, build_report
 from mmel.experiments import BASELINES, DIM_CANDIDATES, PROTOCOLS
+from mmel.experiments.errors import error_types
 from mmel.experiments.ranking import ModelScorer
 from mmel.features.views import DatasetFeatures, list_views, open_features
 from mmel.lexical.bm25 import BM25Index, query_text
@@ -142,6 +143,9 @@ def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeat
     else:
         result, model_name, backbone, extra = _rank_served(Path(method), dataset, to_rank, features, first_stage,
                                                            num_candidates, name_prior_weight, index_dir, progress)
+    errors = error_types(result, to_rank.mentions, dataset.kb)
+    if errors is not None:
+        extra = {**extra, "errors": errors}
     return build_report(result, protocol=FULL_KB, kb_size=len(dataset.kb), dataset=dataset.name, split=to_rank.name,
                         model=model_name, backbone=backbone, wall_time_s=time.perf_counter() - started, extra=extra)
 
@@ -401,7 +405,7 @@ def features_for(store: Path, dataset: Dataset, method: str, view_id: str | None
     """The feature view of `dataset` in `store` that `method` reads.
 
     For a checkpoint: the view with its backbone, template, max length and further views; for a
-    baseline: the `mimic` template's view (dense and name-match read only global vectors). Several
+    baseline: the pretrained backbone's `mimic` view (dense and name-match read global vectors). Several
     fitting views (e.g. float16 and float32) need `view_id`.
     """
     views = list_views(store).get(dataset.name, [])
@@ -416,8 +420,8 @@ def features_for(store: Path, dataset: Dataset, method: str, view_id: str | None
 
 
 def _view_fits(features: DatasetFeatures, method: str) -> bool:
-    if method in BASELINES:
-        return features.template.name == "mimic"
+    if method in BASELINES:   # the pretrained encoder's final features: no cached lower layer, no fine-tuned one
+        return features.template.name == "mimic" and "+" not in features.backbone_fingerprint
     try:
         _check_features_fit(Path(method), features)
     except MismatchError:

@@ -219,6 +219,10 @@ def _check_model_reads(model: MelModel, recipe: Recipe, datamodule: MelDataModul
     if further and recipe.backbone.trainable:
         raise ConfigError(f"model {recipe.model.type} reads further text views ({', '.join(sorted(further))}), "
                           "which only the feature store provides: train it on a frozen backbone")
+    if further and recipe.backbone.train_text_layers:
+        raise ConfigError(f"model {recipe.model.type} reads further text views ({', '.join(sorted(further))}) as "
+                          "pooled vectors, which the trained top text layers would not refine: set "
+                          "backbone.train_text_layers=0 for it")
     held = set(getattr(datamodule.entities, "extra_views", [])) | set(
         getattr(datamodule.train_split.table, "extra_views", []))
     missing = sorted(further - held)
