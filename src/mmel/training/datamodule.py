@@ -165,9 +165,10 @@ class TrainBatch:
 class DevBatch:
     mentions: ModelInput      # b mentions
     gold_rows: np.ndarray     # [b] int64 KB rows of their gold entities
+    surfaces: list[str] | None = None   # their surface forms (the name signal ranks with them)
 
     def to(self, device: torch.device | str) -> DevBatch:
-        return DevBatch(self.mentions.to(device), self.gold_rows)
+        return DevBatch(self.mentions.to(device), self.gold_rows, self.surfaces)
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,8 @@ class MelDataModule(L.LightningDataModule):
         split = self.dev_split
         if split is None:
             raise RuntimeError("this data module has no dev split to collate")
-        return DevBatch(mentions=split.table.gather(rows), gold_rows=split.gold_rows[rows])
+        surfaces = None if split.surfaces is None else [split.surfaces[row] for row in rows]
+        return DevBatch(mentions=split.table.gather(rows), gold_rows=split.gold_rows[rows], surfaces=surfaces)
 
 
 def nearest_entities(mention_vectors: np.ndarray, entity_vectors: np.ndarray, gold_rows: np.ndarray, pool: int,

@@ -70,6 +70,7 @@ class NameSignal(nn.Module):
     Its loss is a cross-entropy over the combined scores (copies of a row's gold left out), added to
     the model's own: where the name already tells the gold apart the term is small, so what it
     teaches is the namesakes (same name, different entity) that only the model's context can rank.
+    Validation ranks dev mentions by the same sum, so the exported checkpoint is the best one as served.
     """
 
     def __init__(self, initial_weight: float = 8.0):
@@ -236,14 +237,26 @@ class MelSystem(L.LightningModule):
     def validation_step(self, batch: DevBatch, batch_idx: int) -> None:
         mention_cache = self.model.encode_mentions(self.featurize(batch.mentions))
         entity_cache = self._entity_cache
+        name_scores = self._dev_name_scores(batch)                                             # [b, N] or None
 
         def score_block(rows: np.ndarray, start: int, stop: int) -> torch.Tensor:
             selected = mention_cache.select(torch.as_tensor(rows, device=self.device))
-            return self.model.match(selected, entity_cache.select(slice(start, stop))).scores  # [b, n]
+            scores = self.model.match(selected, entity_cache.select(slice(start, stop))).scores  # [b, n]
+            if name_scores is not None:
+                scores = scores + self.name_signal.weight * name_scores[rows, start:stop].to(scores)
+            return scores
 
         result = rank_full_kb(score_block, batch.gold_rows, len(entity_cache), mention_batch_size=len(batch.gold_rows),
                               entity_chunk_size=self.validation_config.entity_chunk_size, progress=False)
         self._rank_counts.append((result.num_greater, result.num_tied))
+
+    def _dev_name_scores(self, batch: DevBatch) -> torch.Tensor | None:
+        """[b, N] name_match of the dev mentions against the KB when the name signal trains: the dev metrics
+        then rank by score + w * name_match, as linking with the exported weight does."""
+        index = getattr(self.trainer.datamodule, "name_index", None)
+        if self.name_signal is None or index is None or batch.surfaces is None:
+            return None
+        return torch.from_numpy(np.stack([index.scores(surface) for surface in batch.surfaces]))
 
     def on_validation_epoch_end(self) -> None:
         self._entity_cache = None
