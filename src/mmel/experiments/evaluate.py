@@ -232,7 +232,7 @@ def _rank_exhaustive(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, f
             return as_numpy_scores(scorer.score_block(rows, start, stop)) + name_prior_weight * name_block(
                 rows, start, stop)
 
-        model_name, extra = f"{model_name}+name-prior", {"name_prior_weight": name_prior_weight}
+        model_name, extra = f"{model_name}+name-prior-{name_prior_weight:g}", {"name_prior_weight": name_prior_weight}
     result = rank_full_kb(score_block, to_rank.gold_rows, len(dataset.kb), mention_batch_size=mention_batch_size,
                           entity_chunk_size=4096, progress=progress)
     return result, model_name, features.backbone_fingerprint, {"ranking": "exhaustive", **extra}
@@ -257,7 +257,7 @@ def _rank_served(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featu
     extra: dict = {"ranking": f"two-stage through the served linker: {stage}, {scored}; unretrieved golds tie "
                               "with every unretrieved entity", "vectors": vectors, "reranker": reranker}
     if name_prior_weight > 0:
-        model_name, extra = f"{model_name}+name-prior", {**extra, "name_prior_weight": name_prior_weight}
+        model_name, extra = f"{model_name}+name-prior-{name_prior_weight:g}", {**extra, "name_prior_weight": name_prior_weight}
     return result, f"{model_name}+{first_stage}@{num_candidates}", features.backbone_fingerprint, extra
 
 
