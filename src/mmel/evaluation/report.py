@@ -116,7 +116,8 @@ def write_report(report: EvalReport, target: Path) -> tuple[Path, Path]:
     """
     target = Path(target)
     base = target.with_suffix("") if target.suffix in (".json", ".md") else target / report.default_name()
-    json_path, markdown_path = base.with_suffix(".json"), base.with_suffix(".md")
+    # appended, not with_suffix: a default name may hold dots (a weight such as name-prior-8.28)
+    json_path, markdown_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".md")
     atomic_write_json(json_path, report.to_json())
     atomic_write_text(markdown_path, report.to_markdown())
     return json_path, markdown_path

@@ -257,7 +257,8 @@ def _rank_served(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featu
     extra: dict = {"ranking": f"two-stage through the served linker: {stage}, {scored}; unretrieved golds tie "
                               "with every unretrieved entity", "vectors": vectors, "reranker": reranker}
     if name_prior_weight > 0:
-        model_name, extra = f"{model_name}+name-prior-{name_prior_weight:g}", {**extra, "name_prior_weight": name_prior_weight}
+        model_name = f"{model_name}+name-prior-{name_prior_weight:g}"
+        extra = {**extra, "name_prior_weight": name_prior_weight}
     return result, f"{model_name}+{first_stage}@{num_candidates}", features.backbone_fingerprint, extra
 
 
