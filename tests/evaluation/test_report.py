@@ -45,6 +45,12 @@ def test_json_round_trip(tmp_path):
     assert markdown_path.read_text() == report.to_markdown()
 
 
+def test_a_report_name_with_a_dot_keeps_its_whole_name(tmp_path):
+    json_path, markdown_path = write_report(small_report(model="mimic+name-prior-8.28+hybrid@100"), tmp_path)
+    assert json_path.name == "toy-test-mimic+name-prior-8.28+hybrid_100-full-kb.json"
+    assert markdown_path.name == "toy-test-mimic+name-prior-8.28+hybrid_100-full-kb.md"
+
+
 def test_markdown_has_every_provenance_field():
     markdown = small_report(dataset="wiki|mel").to_markdown()
     header, rule, row = markdown.strip().splitlines()
