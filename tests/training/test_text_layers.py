@@ -162,3 +162,13 @@ def test_m3el_trains_with_top_text_layers_and_dim_is_refused(tmp_path, tiny_data
     dim = load_recipe("dim-wikimel-cpu", ["backbone.train_text_layers=1"])
     with pytest.raises(ConfigError, match="further text views"):
         _check_model_reads(build_model(dim.model, inputs.widths), dim, inputs.datamodule)
+
+
+def test_the_resume_state_holds_the_trained_layers_and_the_name_weight(fine_tuned) -> None:
+    """`mmel train --resume` restores everything the system trains, not only the head."""
+    _, _, checkpoint = fine_tuned
+    state = torch.load(checkpoint.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    names = set(state["state_dict"])
+    assert "name_signal.log_weight" in names
+    assert any(name.startswith("encoder.layers.0.attention.") for name in names)
+    assert any(name.startswith("model.") for name in names)
