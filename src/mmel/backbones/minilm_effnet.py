@@ -104,13 +104,17 @@ class MiniLMEffNetBackbone(nn.Module):
 
     def encode_texts(self, texts: list[str], max_length: int) -> TextFeatures:
         """texts -> sentence vectors [B, 384] (normalised), token states [B, L, 384], mask [B, L]."""
-        if not 2 <= max_length <= MINILM_MAX_POSITIONS:
-            raise ValueError(f"max_length must be between 2 and {MINILM_MAX_POSITIONS} for MiniLM, got {max_length}")
-        encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
-                                 return_tensors="pt").to(self.device)
+        encoded = self.tokenize(texts, max_length)
         tokens = self._text_states(encoded)                            # [B, L, 384]
         mask = encoded["attention_mask"].bool()                        # [B, L]
         return TextFeatures(global_=pooled_sentence_vector(tokens, mask), tokens=tokens, mask=mask)
+
+    def tokenize(self, texts: list[str], max_length: int) -> Mapping[str, torch.Tensor]:
+        """texts -> input_ids, token_type_ids, attention_mask [B, L], padded to `max_length`, on the device."""
+        if not 2 <= max_length <= MINILM_MAX_POSITIONS:
+            raise ValueError(f"max_length must be between 2 and {MINILM_MAX_POSITIONS} for MiniLM, got {max_length}")
+        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                              return_tensors="pt").to(self.device)
 
     def _text_states(self, encoded: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Tokenizer output (input_ids, token_type_ids, attention_mask [B, L]) -> last hidden state [B, L, 384].

@@ -97,8 +97,7 @@ class LowerTextLayers:
     def encode_texts(self, texts: list[str], max_length: int) -> TextFeatures:
         """texts -> token states after layer `text_layer` [B, L, D], their pooled vector [B, D], mask [B, L]."""
         text_model = self.base.text_model
-        encoded = self.base.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
-                                      return_tensors="pt").to(self.base.device)
+        encoded = self.base.tokenize(texts, max_length)
         mask = encoded["attention_mask"].bool()                                         # [B, L]
         states = text_model.embeddings(input_ids=encoded["input_ids"],
                                        token_type_ids=encoded.get("token_type_ids"))    # [B, L, D]
