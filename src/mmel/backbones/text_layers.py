@@ -39,6 +39,7 @@ from mmel.core.features import FeatureBatch
 
 TEXT_LAYERS_FILE = "text-layers.safetensors"
 TEXT_LAYERS_KEY = "fine_tuned_text_layers"     # the checkpoint backbone block's entry naming the file
+FINE_TUNED_MARK = "+text-layers-"               # in the fingerprint of a backbone with fine-tuned text layers
 
 
 def pooled_sentence_vector(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ class LowerTextLayers:
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.base.fingerprint}+text-layer{self.text_layer}"
+        return lower_layers_fingerprint(self.base.fingerprint, self.text_layer)
 
     def encode_texts(self, texts: list[str], max_length: int) -> TextFeatures:
         """texts -> token states after layer `text_layer` [B, L, D], their pooled vector [B, D], mask [B, L]."""
@@ -146,8 +147,18 @@ class TopTextLayers(nn.Module):
                       "fingerprint": fine_tuned_fingerprint(base_fingerprint, digest)}
 
 
+def lower_layers_fingerprint(base_fingerprint: str, layer: int) -> str:
+    """The fingerprint of a backbone's token states after text layer `layer` (`LowerTextLayers`)."""
+    return f"{base_fingerprint}+text-layer{layer}"
+
+
 def fine_tuned_fingerprint(base_fingerprint: str, digest: str) -> str:
-    return f"{base_fingerprint}+text-layers-{digest[:16]}"
+    """The fingerprint of a backbone with the fine-tuned text layers of SHA-256 `digest` applied."""
+    return f"{base_fingerprint}{FINE_TUNED_MARK}{digest[:16]}"
+
+
+def is_fine_tuned(fingerprint: str) -> bool:
+    return FINE_TUNED_MARK in fingerprint
 
 
 def apply_text_layers(backbone: Backbone, checkpoint_dir: Path, block: dict[str, Any]) -> Backbone:
@@ -176,9 +187,10 @@ def apply_text_layers(backbone: Backbone, checkpoint_dir: Path, block: dict[str,
         raise MismatchError(f"{path}: the fine-tuned text layers do not fit {backbone.name}'s layers {first}.."
                             f"{first + count - 1}; missing: {missing or 'none'}; unexpected: {unexpected or 'none'}")
     text_model.load_state_dict(state, strict=False)
-    backbone.text_overlay = f"text-layers-{digest[:16]}"
+    backbone.text_overlay = fine_tuned_fingerprint("", digest).removeprefix("+")
     return backbone
 
 
-__all__ = ["TEXT_LAYERS_FILE", "TEXT_LAYERS_KEY", "LowerTextLayers", "TopTextLayers", "apply_text_layers",
-           "fine_tuned_fingerprint", "pooled_sentence_vector", "run_text_layers", "text_layer_stack"]
+__all__ = ["FINE_TUNED_MARK", "TEXT_LAYERS_FILE", "TEXT_LAYERS_KEY", "LowerTextLayers", "TopTextLayers",
+           "apply_text_layers", "fine_tuned_fingerprint", "is_fine_tuned", "lower_layers_fingerprint",
+           "pooled_sentence_vector", "run_text_layers", "text_layer_stack"]

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from mmel.backbones import load_backbone
-from mmel.backbones.text_layers import TopTextLayers
+from mmel.backbones.text_layers import TopTextLayers, is_fine_tuned, lower_layers_fingerprint
 from mmel.core.config import ConfigError
 from mmel.core.errors import MismatchError, MmelError
 from mmel.core.paths import atomic_write_json
@@ -104,7 +104,7 @@ def stored_inputs(recipe: Recipe, dataset: Dataset, features_dir: Path) -> RunIn
                             f"`mmel features build --splits {','.join(splits)}`")
     backbone = {key: value for key, value in features.manifest["backbone"].items() if key != "text_layer"}
     if top_layers is not None:        # the checkpoint's backbone is the full encoder, not the cached layers
-        backbone["fingerprint"] = backbone["fingerprint"].removesuffix(f"+text-layer{top_layers.first}")
+        backbone["fingerprint"] = backbone["fingerprint"].removesuffix(lower_layers_fingerprint("", top_layers.first))
     info = ExportInfo(backbone=backbone, preprocess=_preprocess_block(features.manifest["template"],
                                                                       features.max_text_length, backbone),
                       recipe=recipe)
@@ -171,7 +171,7 @@ def _open_matching_view(recipe: Recipe, dataset: Dataset, features_dir: Path, *,
         backbone = features.manifest["backbone"]
         found = {"backbone": backbone["name"], "template": features.template.name,
                  "max_text_length": features.max_text_length, "text_layer": backbone.get("text_layer"),
-                 "fine_tuned": "+text-layers-" in backbone["fingerprint"]}
+                 "fine_tuned": is_fine_tuned(backbone["fingerprint"])}
         if found == wanted:
             matching.append(features)
     if len(matching) != 1:
