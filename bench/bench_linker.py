@@ -2,9 +2,12 @@
 
 Per KB size N, fresh child processes, so that each peak RSS (getrusage) is its own; the
 settings to compare (`--variant NAME:key=value,...`, default `before` = the settings up to issue
-14 and `after` = today's defaults) each get their own build and serve children in the same run:
+14 and `after` = today's defaults) each get their own build and serve children in the same run. A
+variant may name its own model (`checkpoint=DIR`), so that two models are timed side by side, e.g.
+DIM's own index against MIMIC two-stage:
+`--variant mimic: --variant dim:checkpoint=checkpoints/dim-wikimel-minilm_effnet,vectors=model,reranker=none`.
 
-- prepare: the KB and the query sample, encoded once for all variants.
+- prepare: the KB and the query sample, encoded once per checkpoint for all its variants.
 - build: `build_index` (dense first stage, MIMIC reranker) from precomputed entity features; time
   per stage, size on disk per part, peak RSS, the vector index's tuned setting and its recall.
 - serve: `Linker.load`, single-mention `Linker.link` latency p50/p95 and `Linker.link_batch`
@@ -104,18 +107,23 @@ DEFAULT_VARIANTS = ("before:ivf_num_probes=16,cache_dtype=float16", "after:")
 
 @dataclass(frozen=True)
 class Variant:
-    """A named set of IndexBuildConfig overrides (plain strings, as typed on the command line)."""
+    """A named set of IndexBuildConfig overrides (plain strings, as typed on the command line), and the
+    checkpoint it links with when not the run's (`checkpoint=DIR`)."""
 
     name: str
     index_options: tuple[tuple[str, str], ...] = ()
+    checkpoint: Path | None = None
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         name, _, options = text.partition(":")
-        pairs = tuple(tuple(item.split("=", 1)) for item in options.split(",") if item)
+        pairs = [tuple(item.split("=", 1)) for item in options.split(",") if item]
         if not name or any(len(pair) != 2 for pair in pairs):
             raise ValueError(f"--variant takes NAME:key=value,key=value, got {text!r}")
-        return cls(name=name, index_options=pairs)  # type: ignore[arg-type]
+        checkpoints = [Path(value).resolve() for key, value in pairs if key == "checkpoint"]
+        index_options = tuple(pair for pair in pairs if pair[0] != "checkpoint")
+        return cls(name=name, index_options=index_options,  # type: ignore[arg-type]
+                   checkpoint=checkpoints[-1] if checkpoints else None)
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,17 @@ class Settings:
         options = {"first_stage": "dense", **dict(self.index_options), **dict(variant.index_options)}
         # values read as YAML scalars, like `mmel train --set`: "16" -> 16, "0.995" -> 0.995, "int8" -> "int8"
         return IndexBuildConfig.from_dict({key: yaml.safe_load(value) for key, value in options.items()})
+
+    def checkpoint_of(self, variant: Variant) -> Path:
+        return variant.checkpoint or self.checkpoint
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        """The distinct checkpoints the variants link with, in variant order (each prepares its own queries)."""
+        return list(dict.fromkeys(self.checkpoint_of(variant) for variant in self.variants))
+
+    def queries_dir(self, workdir: Path, variant: Variant) -> Path:
+        return queries_dir(workdir, self.checkpoints.index(self.checkpoint_of(variant)))
 
     @property
     def sample_size(self) -> int:
@@ -304,6 +323,11 @@ def encode_queries(backbone: Backbone, spec: ModelSpec, queries: list[Query],
     return FeatureBatch.concat(parts)
 
 
+def queries_dir(workdir: Path, checkpoint_number: int) -> Path:
+    """Where the query sample encoded for the run's `checkpoint_number`-th checkpoint lives."""
+    return workdir / f"{QUERIES_DIR}-{checkpoint_number}"
+
+
 def save_queries(directory: Path, queries: list[Query], features: FeatureBatch) -> None:
     atomic_write_json(directory / "queries.json", [query.record() for query in queries])
     atomic_write_bytes(directory / "features.safetensors", save_tensors(features.to_tensors()))
@@ -342,36 +366,42 @@ def set_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-def run_prepare(size: int, settings: Settings, workdir: Path, backbone: Backbone | None = None) -> dict[str, Any]:
-    """Sample the queries of this KB size and encode them with the real backbone (once for every variant)."""
+def run_prepare(size: int, settings: Settings, workdir: Path, checkpoint_number: int = 0,
+                backbone: Backbone | None = None) -> dict[str, Any]:
+    """Sample the queries of this KB size and encode them with the real backbone, as the run's
+    `checkpoint_number`-th checkpoint reads them (once for all its variants; the same sample for all)."""
     set_threads(settings.threads)
-    spec = ModelSpec.read(settings.checkpoint)
+    checkpoint = settings.checkpoints[checkpoint_number]
+    spec = ModelSpec.read(checkpoint)
     kb = generate_kb(size, seed=settings.seed)
     queries = sample_queries(kb, settings.sample_size, settings.seed)
     with torch.inference_mode():
         features, encode_seconds = timed(encode_queries, load_checked_backbone(spec, backbone), spec, queries,
                                          [query.image() for query in queries])
-    (workdir / QUERIES_DIR).mkdir(parents=True, exist_ok=True)
-    save_queries(workdir / QUERIES_DIR, queries, features)
-    return {"size": size, "queries": len(queries), "query_sample_encode_s": encode_seconds}
+    directory = queries_dir(workdir, checkpoint_number)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_queries(directory, queries, features)
+    return {"size": size, "checkpoint": str(checkpoint), "queries": len(queries),
+            "query_sample_encode_s": encode_seconds}
 
 
 def run_build(size: int, settings: Settings, workdir: Path, variant: Variant) -> dict[str, Any]:
     """Build the variant's index of the synthetic KB (golds planted) under `workdir`."""
     set_threads(settings.threads)
-    spec = ModelSpec.read(settings.checkpoint)
+    checkpoint = settings.checkpoint_of(variant)
+    spec = ModelSpec.read(checkpoint)
     kb, kb_seconds = timed(generate_kb, size, seed=settings.seed)
-    queries, features = load_queries(workdir / QUERIES_DIR)
+    queries, features = load_queries(settings.queries_dir(workdir, variant))
     table = entity_table(size, spec, backbone_dims(features), settings.seed, queries, features)
     dataset = Dataset(name=f"synthetic-{size}", kb=kb, splits={}, root=workdir)
     index = workdir / f"{INDEX_DIR}-{variant.name}"
-    report = build_index(dataset, settings.checkpoint, index, config=settings.index_config(variant),
+    report = build_index(dataset, checkpoint, index, config=settings.index_config(variant),
                          entity_features=table, progress=False)
     stages = dict(report.stage_seconds)
     stages["entity_cache"] -= table.generation_seconds
     disk = {part: directory_mib(index / part) for part in ("entity_cache", "vectors", "model")}
     disk["entities.sqlite"] = (index / "entities.sqlite").stat().st_size / 2**20
-    return {"size": size, "variant": variant.name, "kb_generation_s": kb_seconds,
+    return {"size": size, "variant": variant.name, "checkpoint": str(checkpoint), "kb_generation_s": kb_seconds,
             "build_s": report.seconds - table.generation_seconds, "synthetic_features_s": table.generation_seconds,
             "stages_s": stages, "vector_index": report.vector_index, "cache_dtype": report.cache_dtype,
             "recall_tuning": report.recall_tuning, "index_config": settings.index_config(variant).to_dict(),
@@ -437,9 +467,10 @@ def run_serve(size: int, settings: Settings, workdir: Path, variant: Variant,
               backbone: Backbone | None = None) -> dict[str, Any]:
     """Open the variant's index and time linking; the queries' images are rendered beforehand (not timed)."""
     set_threads(settings.threads)
-    queries, features = load_queries(workdir / QUERIES_DIR)
+    queries, features = load_queries(settings.queries_dir(workdir, variant))
     queries = queries[:settings.batch_queries]
-    spec = ModelSpec.read(settings.checkpoint)
+    config = settings.index_config(variant)
+    spec = ModelSpec.read(settings.checkpoint_of(variant))
     backbone, backbone_seconds = timed(load_checked_backbone, spec, backbone)
     index = workdir / f"{INDEX_DIR}-{variant.name}"
     linker, load_seconds = timed(Linker.load, index, backbone=backbone)
@@ -449,8 +480,11 @@ def run_serve(size: int, settings: Settings, workdir: Path, variant: Variant,
         encoding, searches = measure_serving(linker, spec, queries, link_queries, settings.ks,
                                              settings.latency_queries)
         serving_rss, serving_parts = current_rss_mib(), rss_parts_mib()
-    recall = first_stage_recall(index / VECTORS_DIR, features.text_global[:len(queries)].numpy(), queries,
-                                settings.ks)
+    # With the model's own vectors (DIM) the index holds the model's entity vectors, which the query's
+    # backbone vector is not comparable with: the linker's gold rates are then its only measure.
+    recall = (None if config.vectors == "model" else
+              first_stage_recall(index / VECTORS_DIR, features.text_global[:len(queries)].numpy(), queries,
+                                 settings.ks))
     return {"size": size, "variant": variant.name, "backbone_load_s": backbone_seconds, "index_load_s": load_seconds,
             "encoding": encoding, "searches": searches, "serving_rss_mib": serving_rss,
             "serving_rss_parts_mib": serving_parts, "first_stage_recall": recall, "peak_rss_mib": peak_rss_mib(),
@@ -487,8 +521,8 @@ def run_reference(size: int, settings: Settings, workdir: Path, variant: Variant
     """Rank the first queries against the whole KB with the same model, reading `variant`'s reranker cache."""
     set_threads(settings.threads)
     count = settings.exhaustive_mentions(size)
-    queries, features = load_queries(workdir / QUERIES_DIR)
-    scorer = IndexCacheScorer(settings.checkpoint, workdir / f"{INDEX_DIR}-{variant.name}", features, size)
+    queries, features = load_queries(settings.queries_dir(workdir, variant))
+    scorer = IndexCacheScorer(settings.checkpoint_of(variant), workdir / f"{INDEX_DIR}-{variant.name}", features, size)
     gold = np.array([query.gold_row for query in queries[:count]])
     ranking, rank_seconds = timed(rank_full_kb, scorer.score_block, gold, size, top_k=1, progress=False)
     return {"size": size, "mentions": count, "cache_of": variant.name, "rank_s": rank_seconds,
@@ -525,7 +559,8 @@ def run_size(size: int, settings: Settings, workdir_root: Path | None) -> dict[s
     workdir = Path(tempfile.mkdtemp(prefix=f"mmel-bench-linker-{size}-", dir=workdir_root))
     case: dict[str, Any] = {"size": size, "load_average_at_start": list(os.getloadavg()), "variants": []}
     try:
-        case["prepare"] = in_child(run_prepare, size, settings, workdir)
+        case["prepare"] = [in_child(run_prepare, size, settings, workdir, number)
+                           for number in range(len(settings.checkpoints))]
         for variant in settings.variants:
             build = in_child(run_build, size, settings, workdir, variant)
             print(f"N={size:,} {variant.name}: built in {build['build_s']:.1f} s ({build['vector_index']}, cache "
@@ -539,8 +574,10 @@ def run_size(size: int, settings: Settings, workdir_root: Path | None) -> dict[s
         case["reference"] = None
         if settings.exhaustive_mentions(size) > 0:
             case["reference"] = in_child(run_reference, size, settings, workdir, settings.variants[0])
-            for entry in case["variants"]:
-                entry["comparison"] = compare(entry["serve"], case["reference"])
+            reference_model = settings.checkpoint_of(settings.variants[0])
+            for variant, entry in zip(settings.variants, case["variants"], strict=True):
+                if settings.checkpoint_of(variant) == reference_model:   # another model has its own exhaustive ranking
+                    entry["comparison"] = compare(entry["serve"], case["reference"])
             print(f"N={size:,}: reference {case['reference']['mentions_per_s']:.2f} mentions/s", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -562,7 +599,7 @@ def code_state() -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     ks = results["settings"]["ks"]
-    header = ("| N | variant | vector index (setting) | cache | build s (cache / vectors) | build peak RSS MiB | "
+    header = ("| N | variant | model | vector index (setting) | cache | build s (cache / vectors) | build peak RSS MiB | "
               "disk MiB | " + " | ".join(f"K={k} p50 / p95 ms | K={k} mentions/s" for k in ks)
               + " | encode only p50 ms | first-stage recall@K | gold@1 | serving RSS MiB (anon + file) | "
                 "gold@1 where exhaustive finds it | reference gold@1 (mentions) |")
@@ -575,14 +612,14 @@ def markdown(results: dict[str, Any]) -> str:
             setting = (f"{tuning['parameter']}={tuning['value']}" if tuning
                        else f"nprobe={build['index_config']['ivf_num_probes']}" if build["vector_index"] == "ivf"
                        else "exact")
-            cells = [f"{case['size']:,}", entry["name"], f"{build['vector_index']} ({setting})", build["cache_dtype"],
+            cells = [f"{case['size']:,}", entry["name"], Path(build["checkpoint"]).name, f"{build['vector_index']} ({setting})", build["cache_dtype"],
                      f"{build['build_s']:.0f} ({stages['entity_cache']:.0f} / {stages['vectors']:.0f})",
                      f"{build['peak_rss_mib']:,.0f}", f"{build['disk_mib']:,.0f}"]
             for search in serve["searches"]:
                 cells += [f"{search['p50_ms']:.0f} / {search['p95_ms']:.0f}", f"{search['batch_mentions_per_s']:.1f}"]
-            parts = serve["serving_rss_parts_mib"]
+            parts, recall = serve["serving_rss_parts_mib"], serve["first_stage_recall"]
             cells += [f"{serve['encoding']['p50_ms']:.0f}",
-                      " / ".join(f"{serve['first_stage_recall'][str(k)]:.3f}" for k in ks),
+                      "model vectors" if recall is None else " / ".join(f"{recall[str(k)]:.3f}" for k in ks),
                       f"{serve['searches'][-1]['gold_at_1']:.3f}",
                       f"{parts['anon'] + parts['file']:,.0f} ({parts['anon']:,.0f} + {parts['file']:,.0f})"]
             if comparison is None:

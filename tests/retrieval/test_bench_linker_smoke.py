@@ -76,4 +76,30 @@ def test_prepare_build_serve_and_reference_at_toy_size(bench, linker_backbone, t
         assert entry["comparison"]["gold_at_1_where_reference_finds_it"] == 1.0
     results = {"settings": {"ks": [10, 20]}, "cases": [{"size": 600, "variants": entries, "reference": reference}]}
     table = bench.markdown(results).splitlines()
-    assert table[2].startswith("| 600 | before | flat (exact) | float16 |") and table[3].startswith("| 600 | after |")
+    model = CHECKPOINT.name
+    assert table[2].startswith(f"| 600 | before | {model} | flat (exact) | float16 |")
+    assert table[3].startswith(f"| 600 | after | {model} |")
+
+
+def test_a_variant_links_with_its_own_checkpoint(bench, linker_backbone, tmp_path):
+    """DIM's own index (no reranker) timed in the same run as MIMIC two-stage, each on its own query features."""
+    dim = CHECKPOINT.parent / "dim-wikimel-minilm_effnet"
+    variants = (bench.Variant.parse("mimic:"),
+                bench.Variant.parse(f"dim:checkpoint={dim},vectors=model,reranker=none"))
+    assert variants[1].checkpoint == dim and dict(variants[1].index_options) == {"vectors": "model",
+                                                                                  "reranker": "none"}
+    settings = bench.Settings(checkpoint=CHECKPOINT, ks=(10,), latency_queries=2, batch_queries=4,
+                              exhaustive_pairs=10_000, exhaustive_max_entities=1_000, threads=1, seed=0,
+                              variants=variants)
+    assert settings.checkpoints == [CHECKPOINT, dim]
+    prepared = [bench.run_prepare(600, settings, tmp_path, number, backbone=linker_backbone) for number in (0, 1)]
+    assert [entry["checkpoint"] for entry in prepared] == [str(CHECKPOINT), str(dim)]
+    mimic_queries, _ = bench.load_queries(settings.queries_dir(tmp_path, variants[0]))
+    dim_queries, _ = bench.load_queries(settings.queries_dir(tmp_path, variants[1]))
+    assert [q.record() for q in mimic_queries] == [q.record() for q in dim_queries]   # one sample, two encodings
+
+    build = bench.run_build(600, settings, tmp_path, variants[1])
+    assert build["checkpoint"] == str(dim) and build["index_config"]["reranker"] == "none"
+    serve = bench.run_serve(600, settings, tmp_path, variants[1], backbone=linker_backbone)
+    assert serve["first_stage_recall"] is None and serve["searches"][0]["p50_ms"] > 0
+    assert len(serve["searches"][0]["top1_qids"]) == 4
