@@ -599,8 +599,8 @@ def code_state() -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     ks = results["settings"]["ks"]
-    header = ("| N | variant | model | vector index (setting) | cache | build s (cache / vectors) | build peak RSS MiB | "
-              "disk MiB | " + " | ".join(f"K={k} p50 / p95 ms | K={k} mentions/s" for k in ks)
+    header = ("| N | variant | model | vector index (setting) | cache | build s (cache / vectors) | "
+              "build peak RSS MiB | disk MiB | " + " | ".join(f"K={k} p50 / p95 ms | K={k} mentions/s" for k in ks)
               + " | encode only p50 ms | first-stage recall@K | gold@1 | serving RSS MiB (anon + file) | "
                 "gold@1 where exhaustive finds it | reference gold@1 (mentions) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -612,7 +612,8 @@ def markdown(results: dict[str, Any]) -> str:
             setting = (f"{tuning['parameter']}={tuning['value']}" if tuning
                        else f"nprobe={build['index_config']['ivf_num_probes']}" if build["vector_index"] == "ivf"
                        else "exact")
-            cells = [f"{case['size']:,}", entry["name"], Path(build["checkpoint"]).name, f"{build['vector_index']} ({setting})", build["cache_dtype"],
+            cells = [f"{case['size']:,}", entry["name"], Path(build["checkpoint"]).name,
+                     f"{build['vector_index']} ({setting})", build["cache_dtype"],
                      f"{build['build_s']:.0f} ({stages['entity_cache']:.0f} / {stages['vectors']:.0f})",
                      f"{build['peak_rss_mib']:,.0f}", f"{build['disk_mib']:,.0f}"]
             for search in serve["searches"]:

@@ -151,3 +151,40 @@ def test_evaluate_under_dims_candidate_protocol_is_labelled_and_counts_gold_wins
     assert dim.extra["dim_top_k"]["top@1"] == pytest.approx(dim.metrics["hits@1"])   # no NIL: same denominator
     # among at most 4 entities (3 candidates + the gold) the gold can only do as well as over the whole KB
     assert dim.metrics["hits@1"] >= full.metrics["hits@1"] and dim.metrics["mr"] <= 4
+
+
+def test_unit_analysis_ranks_the_served_shortlist_by_each_unit(tiny_index, tiny_dataset_dir, tmp_path,
+                                                               linker_backbone):
+    from mmel.data import load_dataset
+    from mmel.experiments.evaluate import evaluate, link_split_once
+    from mmel.experiments.units import MODEL, unit_analysis
+    from mmel.features.store import build_features
+
+    dataset = load_dataset(tiny_dataset_dir)
+    features = build_features(dataset, linker_backbone, tmp_path / "store", progress=False)
+    analysis = unit_analysis(dataset, "test", tiny_index.checkpoint, features, num_candidates=8, progress=False)
+    served = evaluate(dataset, "test", str(tiny_index.checkpoint), features=features, first_stage="hybrid",
+                      num_candidates=8, progress=False)
+    assert analysis.metrics[MODEL] == pytest.approx(served.metrics)   # the model row is the served linker's
+    _, linked = link_split_once(dataset, "test", tiny_index.checkpoint, features, num_candidates=8, progress=False)
+    units = list(linked[0].candidates[0].unit_scores)
+    assert list(analysis.metrics) == [MODEL, *units] and len(units) >= 2
+    mentions = analysis.mentions
+    for unit in units:
+        # by hand: the gold is first by the unit when its unit score beats every other candidate's
+        wins = 0
+        for result, mention in zip(linked, dataset.split("test"), strict=True):
+            scores = {c.qid: c.unit_scores[unit] for c in result.candidates}
+            gold = scores.get(mention.gold_qid)
+            wins += gold is not None and all(score < gold for qid, score in scores.items() if qid != mention.gold_qid)
+        assert analysis.metrics[unit]["hits@1"] == pytest.approx(wins / mentions)
+        moved = analysis.unit_right_model_wrong[unit] - analysis.model_right_unit_wrong[unit]
+        assert moved == round(mentions * (analysis.metrics[unit]["hits@1"] - analysis.metrics[MODEL]["hits@1"]))
+        assert 0.0 <= analysis.scored_pairs[unit] <= 1.0
+
+    out = tmp_path / "units.json"
+    result = runner.invoke(app, ["unit-analysis", str(tiny_index.checkpoint), "--dataset", str(tiny_dataset_dir),
+                                 "--features", str(tmp_path / "store"), "--candidates", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| unit | H@1 |" in result.output and f"| {units[0]} |" in result.output
+    assert json.loads(out.read_text())["metrics"][MODEL]["hits@1"] == pytest.approx(served.metrics["hits@1"])

@@ -95,3 +95,30 @@ def tune_name_prior(
                 "tuned_on": f"{dataset.name} {tuning.split}, {tuning.mentions} mentions, {first_stage.value} top "
                             f"{candidates}, H@1 {100 * tuning.metrics[tuning.best_weight]['hits@1']:.2f}"})
             console.print(f"wrote name_prior_weight {tuning.best_weight:g} into {checkpoint}")
+
+
+def unit_analysis(
+    checkpoint: Annotated[Path, typer.Argument(help="Trained model checkpoint directory.")],
+    dataset: Annotated[Path, typer.Option("--dataset", "--data", help="Dataset directory.")],
+    features: Annotated[Path, typer.Option("--features", help="Feature store of the dataset.")],
+    split: Annotated[str, typer.Option(help="Split to analyse.")] = "test",
+    first_stage: Annotated[FirstStageName, typer.Option(help="First stage.")] = FirstStageName.hybrid,
+    candidates: Annotated[int, typer.Option(min=1, help="Candidates reranked per mention.")] = 100,
+    out: Annotated[Path | None, typer.Option(help="Also write the analysis as JSON to this file.")] = None,
+) -> None:
+    """Rank each mention's served shortlist by every unit of the model alone: what each unit contributes."""
+    import dataclasses
+
+    from mmel.core.paths import atomic_write_json
+    from mmel.data import load_dataset
+    from mmel.experiments.evaluate import features_for
+    from mmel.experiments.units import unit_analysis as run_analysis
+
+    with exit_on_user_errors():
+        dataset = load_dataset(dataset)
+        analysis = run_analysis(dataset, split, checkpoint, features_for(features, dataset, str(checkpoint)),
+                                first_stage=first_stage.value, num_candidates=candidates)
+        console.print(analysis.to_markdown())
+        if out is not None:
+            atomic_write_json(out, dataclasses.asdict(analysis))
+            console.print(f"wrote {out}")

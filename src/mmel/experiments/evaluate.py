@@ -376,26 +376,37 @@ def tune_name_prior(dataset: Dataset, split: str, checkpoint: Path, features: Da
     """
     if not weights or min(weights) < 0:
         raise UsageError(f"give one or more weights >= 0, got {list(weights)}")
+    to_rank, linked = link_split_once(dataset, split, checkpoint, features, first_stage=first_stage,
+                                      num_candidates=num_candidates, progress=progress)
+    kb = dataset.kb
+    matches = [[name_match(result.mention.surface, kb[kb.row_of(c.qid)].name) for c in result.candidates]
+               for result in linked]
+    metrics = {}
+    for weight in sorted(set(map(float, weights))):
+        reweighted = [rescored(result, with_name_prior([c.score for c in result.candidates], match, weight))
+                      for result, match in zip(linked, matches, strict=True)]
+        metrics[weight] = ranking_from_links(reweighted, to_rank.gold_rows, kb.qids).metrics()
+    best = max(metrics, key=lambda w: (metrics[w]["hits@1"], metrics[w]["mrr"], -w))
+    return NamePriorTuning(checkpoint=str(checkpoint), split=to_rank.name, mentions=len(to_rank.gold_rows),
+                           first_stage=first_stage, candidates=num_candidates, metrics=metrics, best_weight=best)
+
+
+def link_split_once(dataset: Dataset, split: str, checkpoint: Path, features: DatasetFeatures, *,
+                    first_stage: str = "hybrid", num_candidates: int = 100,
+                    progress: bool = True) -> tuple[SplitToRank, list[LinkResult]]:
+    """Every mention of `split` through the served linker with the model alone (no name prior), keeping all K
+    reranked candidates with their unit scores: what analyses rescoring the same shortlist start from."""
     features.check_dataset(dataset)
     _check_features_fit(checkpoint, features)
     to_rank = SplitToRank.of(dataset, split, features)
     with served_linker(dataset, checkpoint, features, first_stage, 0.0, progress=progress) as linker:
         linked = linker.rank_features(to_rank.mentions, to_rank.features, top_k=num_candidates,
                                       candidates_k=num_candidates, progress=progress)
-        names = linker.entities([c.qid for result in linked for c in result.candidates])
-    matches = [[name_match(result.mention.surface, names[c.qid].name) for c in result.candidates] for result in linked]
-    metrics = {}
-    for weight in sorted(set(map(float, weights))):
-        reweighted = [_reordered(result, match, weight) for result, match in zip(linked, matches, strict=True)]
-        metrics[weight] = ranking_from_links(reweighted, to_rank.gold_rows, dataset.kb.qids).metrics()
-    best = max(metrics, key=lambda w: (metrics[w]["hits@1"], metrics[w]["mrr"], -w))
-    return NamePriorTuning(checkpoint=str(checkpoint), split=to_rank.name, mentions=len(to_rank.gold_rows),
-                           first_stage=first_stage, candidates=num_candidates, metrics=metrics, best_weight=best)
+    return to_rank, linked
 
 
-def _reordered(result: LinkResult, matches: list[float], weight: float) -> LinkResult:
-    """`result`'s candidates rescored with the name prior and reordered by the linker's tie rule."""
-    scores = with_name_prior([c.score for c in result.candidates], matches, weight)
+def rescored(result: LinkResult, scores: Sequence[float]) -> LinkResult:
+    """`result`'s candidates with new `scores`, reordered by the linker's tie rule."""
     order = order_by_score(scores, [c.first_stage_rank for c in result.candidates])
     candidates = tuple(dataclasses.replace(result.candidates[i], score=scores[i], rank=rank)
                        for rank, i in enumerate(order, start=1))
