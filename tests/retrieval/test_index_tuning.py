@@ -92,11 +92,12 @@ def test_tuning_survives_save_and_load(entities, tmp_path):
     assert loaded.search(queries, 10).qids == index.search(queries, 10).qids
 
 
-def test_sq8_codes_round_trip_and_find_what_flat_codes_find(entities, tmp_path):
-    config = IndexConfig(kind="ivf", ivf_codes="sq8")
+@pytest.mark.parametrize("codes", ["fp16", "sq8"])
+def test_quantized_codes_round_trip_and_find_what_flat_codes_find(entities, codes, tmp_path):
+    config = IndexConfig(kind="ivf", ivf_codes=codes)
     index = VectorIndex.build(entities, qids(len(entities)), config, progress=False)
     assert recall_on_fresh_queries(index, entities) >= 0.98
-    loaded = VectorIndex.load(index.save(tmp_path / "sq8"))
+    loaded = VectorIndex.load(index.save(tmp_path / codes))
     assert loaded.search(entities[:5], 3).qids == index.search(entities[:5], 3).qids
     assert [hits[0] for hits in loaded.search(entities[:5], 1).qids] == qids(5)
 
