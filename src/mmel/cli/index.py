@@ -37,7 +37,8 @@ def build(
                                   ] = 200_000,
     ivf_probes: Annotated[int, typer.Option(min=0, help="IVF lists scanned per query (large KBs); 0: the fewest "
                                                          "that reach --recall-target, measured at build time.")] = 0,
-    ivf_codes: Annotated[str, typer.Option(help="IVF vector storage: flat (float32), fp16 (2x smaller) or sq8 (8-bit, 4x smaller).")
+    ivf_codes: Annotated[str, typer.Option(help="IVF vector storage: flat (float32), fp16 (2x smaller) or sq8 "
+                                                "(8-bit, 4x smaller).")
                          ] = "flat",
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="Approximate vector index: share of the "
                                                                          "golds an exact search finds in its top "
