@@ -35,7 +35,9 @@ def test_dim_release_recipe_has_the_release_scripts_hyper_parameters_and_cpu_rec
         cpu = load_recipe(name)
         assert (cpu.optimizer.lr, cpu.trainer.max_epochs) == (1e-3, 30)
         assert dataclasses.replace(cpu.optimizer, lr=5e-5) == release.optimizer and cpu.data == release.data
-    assert load_recipe("dim-wikimel-cpu").model.options["entity_text"] == "name_desc"   # WikiMEL's KB names no one
+    for name in ("dim-wikimel-cpu", "dim-richpediamel-cpu"):   # neither dataset's entity text names the entity
+        assert load_recipe(name).model.options["entity_text"] == "name_desc"
+        assert load_recipe(name).backbone.template == "m3el"
 
 
 def test_paper_recipe_has_the_published_hyper_parameters() -> None:
