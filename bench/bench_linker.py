@@ -112,7 +112,7 @@ class Variant:
 
     name: str
     index_options: tuple[tuple[str, str], ...] = ()
-    checkpoint: Path | None = None
+    checkpoint: str | None = None   # resolved path
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -120,7 +120,7 @@ class Variant:
         pairs = [tuple(item.split("=", 1)) for item in options.split(",") if item]
         if not name or any(len(pair) != 2 for pair in pairs):
             raise ValueError(f"--variant takes NAME:key=value,key=value, got {text!r}")
-        checkpoints = [Path(value).resolve() for key, value in pairs if key == "checkpoint"]
+        checkpoints = [str(Path(value).resolve()) for key, value in pairs if key == "checkpoint"]
         index_options = tuple(pair for pair in pairs if pair[0] != "checkpoint")
         return cls(name=name, index_options=index_options,  # type: ignore[arg-type]
                    checkpoint=checkpoints[-1] if checkpoints else None)
@@ -148,7 +148,11 @@ class Settings:
         return IndexBuildConfig.from_dict({key: yaml.safe_load(value) for key, value in options.items()})
 
     def checkpoint_of(self, variant: Variant) -> Path:
-        return variant.checkpoint or self.checkpoint
+        return Path(variant.checkpoint) if variant.checkpoint else self.checkpoint
+
+    def record(self) -> dict[str, Any]:
+        """The settings as JSON-ready data, for the results file."""
+        return {**dataclasses.asdict(self), "checkpoint": str(self.checkpoint)}
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -668,8 +672,8 @@ def main() -> None:
         "machine": {**machine(), "platform": platform.platform(), "torch": torch.__version__,
                     "load_average_at_start": list(os.getloadavg())},
         "code": code_state(),
-        "settings": {**dataclasses.asdict(settings), "checkpoint": str(settings.checkpoint), "top_k": TOP_K,
-                     "query_noise": QUERY_NOISE, "entity_image_share": ENTITY_IMAGE_SHARE}}
+        "settings": {**settings.record(), "top_k": TOP_K, "query_noise": QUERY_NOISE,
+                     "entity_image_share": ENTITY_IMAGE_SHARE}}
     results["cases"], results["total_s"] = timed(lambda: [run_size(size, settings, args.workdir)
                                                           for size in args.sizes])
     results["machine"]["load_average_at_end"] = list(os.getloadavg())

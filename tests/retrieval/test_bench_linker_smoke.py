@@ -4,6 +4,7 @@ build / serve / exhaustive steps run in-process on a 600-entity KB and report co
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +87,13 @@ def test_a_variant_links_with_its_own_checkpoint(bench, linker_backbone, tmp_pat
     dim = CHECKPOINT.parent / "dim-wikimel-minilm_effnet"
     variants = (bench.Variant.parse("mimic:"),
                 bench.Variant.parse(f"dim:checkpoint={dim},vectors=model,reranker=none"))
-    assert variants[1].checkpoint == dim and dict(variants[1].index_options) == {"vectors": "model",
+    assert variants[1].checkpoint == str(dim) and dict(variants[1].index_options) == {"vectors": "model",
                                                                                   "reranker": "none"}
     settings = bench.Settings(checkpoint=CHECKPOINT, ks=(10,), latency_queries=2, batch_queries=4,
                               exhaustive_pairs=10_000, exhaustive_max_entities=1_000, threads=1, seed=0,
                               variants=variants)
     assert settings.checkpoints == [CHECKPOINT, dim]
+    assert json.loads(json.dumps(settings.record()))["variants"][1]["checkpoint"] == str(dim)   # the results file
     prepared = [bench.run_prepare(600, settings, tmp_path, number, backbone=linker_backbone) for number in (0, 1)]
     assert [entry["checkpoint"] for entry in prepared] == [str(CHECKPOINT), str(dim)]
     mimic_queries, _ = bench.load_queries(settings.queries_dir(tmp_path, variants[0]))
