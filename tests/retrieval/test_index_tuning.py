@@ -92,8 +92,8 @@ def test_tuning_survives_save_and_load(entities, tmp_path):
     assert loaded.search(queries, 10).qids == index.search(queries, 10).qids
 
 
-@pytest.mark.parametrize("codes", ["fp16", "sq8"])
-def test_quantized_codes_round_trip_and_find_what_flat_codes_find(entities, codes, tmp_path):
+@pytest.mark.parametrize("codes", ["flat", "fp16", "sq8"])
+def test_each_ivf_code_round_trips_and_finds_the_indexed_vectors(entities, codes, tmp_path):
     config = IndexConfig(kind="ivf", ivf_codes=codes)
     index = VectorIndex.build(entities, qids(len(entities)), config, progress=False)
     assert recall_on_fresh_queries(index, entities) >= 0.98

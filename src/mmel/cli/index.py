@@ -37,9 +37,9 @@ def build(
                                   ] = 200_000,
     ivf_probes: Annotated[int, typer.Option(min=0, help="IVF lists scanned per query (large KBs); 0: the fewest "
                                                          "that reach --recall-target, measured at build time.")] = 0,
-    ivf_codes: Annotated[str, typer.Option(help="IVF vector storage: flat (float32), fp16 (2x smaller) or sq8 "
-                                                "(8-bit, 4x smaller).")
-                         ] = "flat",
+    ivf_codes: Annotated[str, typer.Option(help="IVF vector storage: fp16 (half of float32), flat (float32) or "
+                                                "sq8 (8-bit, a quarter).")
+                         ] = "fp16",
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="Approximate vector index: share of the "
                                                                          "golds an exact search finds in its top "
                                                                          "100 that the index must find too.")

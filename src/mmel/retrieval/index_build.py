@@ -97,7 +97,7 @@ class IndexBuildConfig(ConfigBase):
     vector_index: str = "auto"               # FAISS kind: 'auto', 'flat' (exact), 'hnsw' or 'ivf'
     exact_max_entities: int = 200_000        # 'auto' is exact up to this many entities, IVF above
     ivf_num_probes: int = 0                  # IVF lists scanned per query; 0 = the fewest reaching recall_target
-    ivf_codes: str = "flat"                  # IVF vector storage: 'flat' (float32), 'fp16' (2x smaller), 'sq8' (4x)
+    ivf_codes: str = "fp16"                  # IVF vector storage: 'fp16' (default), 'flat' (float32) or 'sq8' (8-bit)
     recall_target: float = 0.995             # approximate first stage: share of exactly-found golds it must find
     cache_dtype: str = "auto"                # reranker cache storage: 'float32', 'float16', 'int8' or 'auto'
     # 'auto' stores float32 up to this many entities, int8 above (WikiMEL test: Hits@1 79.13 int8 vs
