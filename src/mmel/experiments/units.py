@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mmel.core.types import Dataset, LinkResult
+from mmel.evaluation.protocols import RankingResult
 from mmel.experiments.evaluate import link_split_once, ranking_from_links, rescored
 from mmel.features.views import DatasetFeatures
 
@@ -60,14 +61,16 @@ def unit_analysis(dataset: Dataset, split: str, checkpoint: Path, features: Data
     to_rank, linked = link_split_once(dataset, split, checkpoint, features, first_stage=first_stage,
                                       num_candidates=num_candidates, progress=progress)
     units = _unit_names(linked)
-    model_first = _gold_first(linked, to_rank.gold_rows, dataset)
-    metrics = {MODEL: ranking_from_links(linked, to_rank.gold_rows, dataset.kb.qids).metrics()}
+    model_ranking = ranking_from_links(linked, to_rank.gold_rows, dataset.kb.qids)
+    model_first = _gold_first(model_ranking)
+    metrics = {MODEL: model_ranking.metrics()}
     right_wrong, wrong_right = {MODEL: 0}, {MODEL: 0}
     scored = {MODEL: _scored_share(linked, None)}
     for unit in units:
         by_unit = [rescored(result, [c.unit_scores[unit] for c in result.candidates]) for result in linked]
-        metrics[unit] = ranking_from_links(by_unit, to_rank.gold_rows, dataset.kb.qids).metrics()
-        unit_first = _gold_first(by_unit, to_rank.gold_rows, dataset)
+        unit_ranking = ranking_from_links(by_unit, to_rank.gold_rows, dataset.kb.qids)
+        metrics[unit] = unit_ranking.metrics()
+        unit_first = _gold_first(unit_ranking)
         right_wrong[unit] = int((unit_first & ~model_first).sum())
         wrong_right[unit] = int((model_first & ~unit_first).sum())
         scored[unit] = _scored_share(linked, unit)
@@ -81,9 +84,8 @@ def _unit_names(linked: Sequence[LinkResult]) -> list[str]:
     return next((list(result.candidates[0].unit_scores) for result in linked if result.candidates), [])
 
 
-def _gold_first(linked: Sequence[LinkResult], gold_rows: np.ndarray, dataset: Dataset) -> np.ndarray:
+def _gold_first(ranking: RankingResult) -> np.ndarray:
     """[M] bool: the gold is at rank 1 with no tie (ties count against the gold, as in every report)."""
-    ranking = ranking_from_links(linked, gold_rows, dataset.kb.qids)
     return (ranking.gold_rows >= 0) & (ranking.num_greater == 0) & (ranking.num_tied == 0)
 
 
