@@ -134,6 +134,45 @@ def test_tune_name_prior_writes_the_best_weight_into_the_checkpoint(tiny_index, 
     assert header["inference"]["tuned_on"].startswith("tiny test")
 
 
+def test_fit_prior_writes_the_context_prior_that_evaluate_and_the_index_serve(tiny_index, tiny_dataset_dir, tmp_path,
+                                                                             linker_backbone):
+    import shutil
+
+    from mmel.core.checkpoint import update_checkpoint_header
+    from mmel.data import load_dataset
+    from mmel.features.store import build_features
+    from mmel.retrieval.index_build import ModelSpec, build_index
+    from mmel.retrieval.linker import Linker
+
+    checkpoint = shutil.copytree(tiny_index.checkpoint, tmp_path / "ckpt")
+    build_features(load_dataset(tiny_dataset_dir), linker_backbone, tmp_path / "store", progress=False)
+    common = ["--dataset", str(tiny_dataset_dir), "--features", str(tmp_path / "store"), "--split", "test",
+              "--candidates", "8"]
+    result = runner.invoke(app, ["fit-prior", str(checkpoint), *common, "--folds", "2", "--feature", "name_match",
+                                 "--feature", "shared_words", "--write"])
+    assert result.exit_code == 0, result.output
+    assert "| context prior (fitted) |" in result.output and "| shared_words |" in result.output
+    assert set(ModelSpec.read(checkpoint).prior.weights) == {"name_match", "shared_words"}
+    assert json.loads((checkpoint / "config.json").read_text())["inference"]["tuned_on"].startswith("tiny test")
+    # the tiny model ranks its split alone (the fit gives ~0 weights): serve a prior that matters
+    update_checkpoint_header(checkpoint, "inference", {"prior_weights": {"name_match": 1.0, "shared_words": 0.5}})
+    prior = ModelSpec.read(checkpoint).prior
+    build_index(load_dataset(tiny_dataset_dir), checkpoint, tmp_path / "index", backbone=linker_backbone,
+                progress=False)
+    with Linker.load(tmp_path / "index", backbone=linker_backbone) as linker:
+        assert linker.prior == prior   # the index serves the checkpoint's prior
+    evaluated = runner.invoke(app, ["evaluate", str(tiny_dataset_dir), "--model", str(checkpoint), "--features",
+                                    str(tmp_path / "store"), "--first-stage", "hybrid", "--candidates", "8",
+                                    "--fitted-prior", "--index", str(tmp_path / "index"), "--out",
+                                    str(tmp_path / "reports")])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(next((tmp_path / "reports").glob("*.json")).read_text())
+    assert report["model"].endswith("+context-prior+hybrid@8") and report["extra"]["prior"] == prior.to_dict()
+    refused = runner.invoke(app, ["evaluate", str(tiny_dataset_dir), "--model", str(checkpoint), "--features",
+                                  str(tmp_path / "store"), "--fitted-prior"])
+    assert refused.exit_code == 1 and "first stage" in refused.output
+
+
 def test_evaluate_under_dims_candidate_protocol_is_labelled_and_counts_gold_wins_ties(tiny_index, tiny_dataset_dir,
                                                                                       tmp_path, linker_backbone):
     from mmel.data import load_dataset

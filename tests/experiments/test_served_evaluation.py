@@ -18,6 +18,7 @@ from mmel.data.synthetic import generate_dataset
 from mmel.evaluation.protocols import gold_rows_for
 from mmel.experiments.evaluate import SplitToRank, evaluate, ranking_from_links, served_linker
 from mmel.features.store import build_features
+from mmel.lexical.context_features import ContextPrior
 from mmel.retrieval.index_build import ModelSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,10 +33,10 @@ def _lists(results) -> list[list[str]]:
     return [[candidate.qid for candidate in result.candidates] for result in results]
 
 
-def _assert_evaluate_is_the_linker(dataset, features, split: str, sample: int = 0) -> None:
-    weight = ModelSpec.read(SHIPPED).name_prior_weight
+def _assert_evaluate_is_the_linker(dataset, features, split: str, sample: int = 0, prior=None) -> None:
+    prior = prior if prior is not None else ModelSpec.read(SHIPPED).prior
     to_rank = SplitToRank.of(dataset, split, features, sample=sample, seed=7)
-    with served_linker(dataset, SHIPPED, features, "hybrid", weight, progress=False) as linker:
+    with served_linker(dataset, SHIPPED, features, "hybrid", prior, progress=False) as linker:
         from_store = linker.rank_features(to_rank.mentions, to_rank.features, top_k=TOP_K, candidates_k=CANDIDATES)
         served = linker.link_mentions(to_rank.mentions, Path(dataset.root), top_k=CANDIDATES,
                                       candidates_k=CANDIDATES)
@@ -43,17 +44,20 @@ def _assert_evaluate_is_the_linker(dataset, features, split: str, sample: int = 
     np.testing.assert_allclose([c.score for r in from_store for c in r.candidates],
                                [c.score for r in served for c in r.candidates[:TOP_K]], rtol=1e-4, atol=1e-4)
     report = evaluate(dataset, split, str(SHIPPED), features=features, first_stage="hybrid",
-                      num_candidates=CANDIDATES, name_prior_weight=weight, sample=sample, seed=7, progress=False)
+                      num_candidates=CANDIDATES, prior_weights=prior.to_dict(), sample=sample, seed=7, progress=False)
     expected = ranking_from_links(served, gold_rows_for(to_rank.mentions, dataset.kb), dataset.kb.qids).metrics()
     assert report.metrics == pytest.approx(expected)
     assert report.mention_count == len(to_rank.mentions)
 
 
-def test_shipped_checkpoint_on_the_example_split(linker_backbone, tmp_path):
+@pytest.mark.parametrize("prior", [None, ContextPrior({"name_match": 32.0, "year_in_adult_life": 5.0,
+                                                       "pronoun_conflicts": -1.0, "shared_words": 2.0})],
+                         ids=["its-name-prior", "a-context-prior"])
+def test_shipped_checkpoint_on_the_example_split(linker_backbone, tmp_path, prior):
     dataset = load_dataset(EXAMPLE)
     features = build_features(dataset, linker_backbone, tmp_path / "store", dtype="float32", progress=False,
                               num_threads=1)
-    _assert_evaluate_is_the_linker(dataset, features, "test")
+    _assert_evaluate_is_the_linker(dataset, features, "test", prior=prior)
 
 
 def test_shipped_checkpoint_on_a_sample_of_a_synthetic_kb(linker_backbone, tmp_path):

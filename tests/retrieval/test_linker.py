@@ -382,3 +382,33 @@ def test_a_read_only_linker_links_and_refuses_edits(tiny_index, linker_backbone)
         with pytest.raises(UsageError, match="opened read-only"):
             linker.remove_entities([gold])
         assert gold in [c.qid for c in linker.link(sentence, mention=surface, top_k=3).candidates]
+
+
+def test_a_context_prior_adds_its_weighted_features_and_old_indexes_read_as_a_name_prior(
+        shared_linker, tiny_index, linker_backbone, tmp_path):
+    from mmel.core.paths import atomic_write_json, read_json
+    from mmel.core.types import Mention
+    from mmel.lexical.context_features import FEATURE_NAMES, ContextPrior, candidate_features
+    from mmel.retrieval.index_build import IndexBuildConfig
+
+    weights = {"name_match": 2.0, "pronoun_conflicts": -5.0, "shared_words": 1.0}
+    build_index(tiny_index.dataset, tiny_index.checkpoint, tmp_path / "prior",
+                config=IndexBuildConfig(prior_weights=weights), backbone=linker_backbone, progress=False)
+    sentence = "Mercury sang Bohemian Rhapsody with Queen; she was on stage."
+    plain = {c.qid: c for c in shared_linker.link(sentence, mention="Mercury", top_k=8).candidates}
+    with Linker.load(tmp_path / "prior", backbone=linker_backbone) as linker:
+        assert linker.info()["prior"] == weights and linker.name_prior_weight == 2.0
+        candidates = linker.link(sentence, mention="Mercury", top_k=8).candidates
+        entities = [linker.entity(candidate.qid) for candidate in candidates]
+        rows = candidate_features(Mention("m", sentence, "Mercury"), entities)
+        for candidate, row in zip(candidates, rows, strict=True):
+            assert candidate.unit_scores["shared_words"] == row[FEATURE_NAMES.index("shared_words")]
+            expected = ContextPrior(weights).apply([plain[candidate.qid].score], [row])[0]
+            assert candidate.score == pytest.approx(expected, abs=1e-2)   # the cache stores float16
+        assert [c.score for c in candidates] == sorted((c.score for c in candidates), reverse=True)
+    manifest_path = tmp_path / "prior" / "manifest.json"
+    manifest = read_json(manifest_path)
+    del manifest["prior"]   # an index from before the context prior: its name prior weight is the prior
+    atomic_write_json(manifest_path, manifest)
+    with Linker.load(tmp_path / "prior", backbone=linker_backbone) as linker:
+        assert linker.prior.to_dict() == {"name_match": 2.0}

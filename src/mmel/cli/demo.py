@@ -7,6 +7,8 @@ baseline on the example test split. Every step is a library call; this file only
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -36,8 +38,9 @@ def demo(
 
     with exit_on_user_errors():
         dataset = load_dataset(dataset)
-        prior = ModelSpec.read(model).name_prior_weight
-        index_dir = work / f"index-{weights_fingerprint(model)[:12]}-prior{prior:g}"
+        prior = ModelSpec.read(model).prior
+        prior_key = hashlib.sha256(json.dumps(prior.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        index_dir = work / f"index-{weights_fingerprint(model)[:12]}-prior-{prior_key}"
         if not index_dir.is_dir():
             console.print(f"building the example index in {index_dir} (once) ...")
             console.print(build_index(dataset, model, index_dir).summary())
@@ -49,7 +52,8 @@ def demo(
         linked = [r for r in results if not isinstance(r, Exception)]
         correct = sum(r.best is not None and r.best.qid == m.gold_qid for m, r in zip(test, results, strict=True)
                       if not isinstance(r, Exception))
-        model_name = f"MIMIC + {prior:g} x name match" if prior else "MIMIC"
+        model_name = ("MIMIC + context prior" if prior.beyond_name else
+                      f"MIMIC + {prior.name_weight:g} x name match" if prior else "MIMIC")
         console.print(f"\n{model_name} linker on {dataset.name} test: {correct}/{len(linked)} mentions linked to "
                       f"the gold entity at rank 1 (KB of {len(dataset.kb)} entities; "
                       f"{len(results) - len(linked)} failed)")

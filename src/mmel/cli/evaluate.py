@@ -10,6 +10,7 @@ from rich.console import Console
 
 from mmel.cli.choices import FirstStageName, ProtocolName
 from mmel.cli.errors import exit_on_user_errors
+from mmel.core.errors import UsageError
 from mmel.experiments import BASELINES
 
 console = Console()
@@ -38,6 +39,9 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
     name_prior: Annotated[float, typer.Option(
         help="Add this multiple of the surface-name match to a trained model's scores (0 = the model alone).")] = 0.0,
+    fitted_prior: Annotated[bool, typer.Option(
+        "--fitted-prior", help="Add the context prior stored in the checkpoint (by `mmel fit-prior --write`, or "
+                               "its name prior) to the model's scores, as `mmel index build` serves it.")] = False,
     out: Annotated[Path | None, typer.Option(help="Directory for <name>.json and <name>.md.")] = None,
 ) -> None:
     """Evaluate a model or baseline on a dataset split (full-KB ranking; ties count against the gold)."""
@@ -45,15 +49,19 @@ def evaluate(
     from mmel.evaluation.report import write_report
     from mmel.experiments.evaluate import evaluate as run_evaluation
     from mmel.experiments.evaluate import features_for
+    from mmel.retrieval.index_build import ModelSpec
 
     with exit_on_user_errors():
+        if fitted_prior and (name_prior or model in BASELINES):
+            raise UsageError("--fitted-prior reads a trained checkpoint's prior; it replaces --name-prior")
         dataset = load_dataset(dataset)
         feature_view = (features_for(features, dataset, model, feature_view_id) if features is not None
                         else None)
+        prior_weights = ModelSpec.read(Path(model)).prior.to_dict() if fitted_prior else None
         report = run_evaluation(dataset, split, model, features=feature_view,
                                 first_stage=first_stage.value if first_stage else None, protocol=protocol.value,
                                 num_candidates=candidates, sample=sample, seed=seed, name_prior_weight=name_prior,
-                                index_dir=index)
+                                prior_weights=prior_weights, index_dir=index)
         console.print(report.to_markdown())
         if "errors" in report.extra:
             kinds = ", ".join(f"{kind} {count}" for kind, count in report.extra["errors"].items())
@@ -95,6 +103,42 @@ def tune_name_prior(
                 "tuned_on": f"{dataset.name} {tuning.split}, {tuning.mentions} mentions, {first_stage.value} top "
                             f"{candidates}, H@1 {100 * tuning.metrics[tuning.best_weight]['hits@1']:.2f}"})
             console.print(f"wrote name_prior_weight {tuning.best_weight:g} into {checkpoint}")
+
+
+def fit_prior(
+    checkpoint: Annotated[Path, typer.Argument(help="Trained model checkpoint directory.")],
+    dataset: Annotated[Path, typer.Option("--dataset", "--data", help="Dataset directory with the split to fit on.")],
+    features: Annotated[Path, typer.Option("--features", help="Feature store of the dataset.")],
+    split: Annotated[str, typer.Option(help="Split to fit on (never the test split you report).")] = "dev",
+    feature: Annotated[list[str] | None, typer.Option(
+        "--feature", help="A context feature to fit (repeat the option; default: all of "
+                          "mmel.lexical.context_features.FEATURE_NAMES).")] = None,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds of the report.")] = 5,
+    first_stage: Annotated[FirstStageName, typer.Option(help="First stage.")] = FirstStageName.hybrid,
+    candidates: Annotated[int, typer.Option(min=1, help="Candidates reranked per mention.")] = 100,
+    write: Annotated[bool, typer.Option("--write", help="Store the fitted weights in the checkpoint's config.json "
+                                                        "(served by `mmel index build`).")] = False,
+) -> None:
+    """Fit the context prior (name match, life years, pronouns, shared words, entry length) on a dev split."""
+    from mmel.core.checkpoint import update_checkpoint_header
+    from mmel.data import load_dataset
+    from mmel.experiments.context_prior import fit_context_prior
+    from mmel.experiments.evaluate import features_for
+    from mmel.lexical.context_features import FEATURE_NAMES
+
+    with exit_on_user_errors():
+        dataset = load_dataset(dataset)
+        fit = fit_context_prior(dataset, split, checkpoint, features_for(features, dataset, str(checkpoint)),
+                                feature_names=feature or FEATURE_NAMES, first_stage=first_stage.value,
+                                num_candidates=candidates, folds=folds)
+        console.print(fit.to_markdown())
+        if write:
+            scores = fit.cross_validated["context prior (fitted)"]
+            update_checkpoint_header(checkpoint, "inference", {
+                "prior_weights": fit.weights,
+                "tuned_on": f"{dataset.name} {fit.split}, {fit.mentions} mentions, {first_stage.value} top "
+                            f"{candidates}, {folds}-fold cross-validated H@1 {100 * scores['hits@1']:.2f}"})
+            console.print(f"wrote the context prior into {checkpoint}")
 
 
 def unit_analysis(

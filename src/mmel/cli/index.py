@@ -52,8 +52,9 @@ def build(
     cache_dtype: Annotated[str, typer.Option(help="Reranker cache storage: auto, float32, float16 or int8 "
                                                        "(per-vector scales; half of float16).")] = "auto",
     name_prior_weight: Annotated[float | None, typer.Option(
-        min=0.0, help="Weight of the surface-name match added to reranker scores (default: the weight tuned "
-                      "into the checkpoint by `mmel tune-name-prior`, else 0).")] = None,
+        min=0.0, help="Serve the name prior alone, with this weight of the surface-name match added to reranker "
+                      "scores (0: the model alone). Default: the checkpoint's prior (`mmel fit-prior` or "
+                      "`mmel tune-name-prior`), else none.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     engine: EngineOption = EngineName.local,
     workers: WorkersOption = None,

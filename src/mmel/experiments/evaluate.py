@@ -7,7 +7,8 @@ Methods:
   broken by the dense cosine when features are given;
 - a checkpoint directory: a trained model (e.g. MIMIC), exhaustive over the whole KB, or
   two-stage when `first_stage` is given; with `name_prior_weight` w > 0 the model's score
-  becomes score + w * name_match (an mmel option).
+  becomes score + w * name_match, with `prior_weights` score + sum_f w_f * f(mention, entity) over
+  the context features of `mmel.lexical.context_features` (mmel options; the latter two-stage only).
 
 Two-stage evaluation *is* the served linker: an index of the dataset's KB is built for the
 checkpoint (in a temporary directory, or an existing one is opened with `index_dir`) and every
@@ -25,7 +26,7 @@ import contextlib
 import dataclasses
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,15 +44,16 @@ from mmel.experiments.errors import error_types
 from mmel.experiments.ranking import ModelScorer
 from mmel.features.views import DatasetFeatures, list_views, open_features
 from mmel.lexical.bm25 import BM25Index, query_text
+from mmel.lexical.context_features import NO_PRIOR, ContextPrior, candidate_features
 from mmel.lexical.fuzzy import FuzzyNameIndex
-from mmel.lexical.name_match import NameMatchIndex, name_match
+from mmel.lexical.name_match import NameMatchIndex
 from mmel.models import load_model
 from mmel.retrieval import FIRST_STAGES
 from mmel.retrieval.dense import DenseScorer
 from mmel.retrieval.index_build import IndexBuildConfig, ModelSpec, build_index
 from mmel.retrieval.kb_store import kb_checksum
 from mmel.retrieval.linker import Linker
-from mmel.retrieval.reranking import order_by_score, with_name_prior
+from mmel.retrieval.reranking import order_by_score
 
 # The dense cosine (in [-1, 1]) only breaks name-match ties: scaled so that it never outweighs the
 # smallest step of the match (1 / number of surface tokens).
@@ -112,11 +114,13 @@ def _dense_block(features: DatasetFeatures | None, to_rank: SplitToRank) -> Scor
 
 def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeatures | None = None,
              first_stage: str | None = None, num_candidates: int = 100, mention_batch_size: int = 64,
-             sample: int = 0, seed: int = 0, name_prior_weight: float = 0.0, index_dir: Path | None = None,
+             sample: int = 0, seed: int = 0, name_prior_weight: float = 0.0,
+             prior_weights: Mapping[str, float] | None = None, index_dir: Path | None = None,
              protocol: str = FULL_KB, progress: bool = True) -> EvalReport:
     """Rank `split` (or a seeded `sample` of it) against the whole KB with `method` (a baseline or a checkpoint).
 
-    `name_prior_weight` > 0 adds that multiple of the surface-name match to a trained model's scores.
+    `name_prior_weight` > 0 adds that multiple of the surface-name match to a trained model's scores;
+    `prior_weights` (feature -> weight, e.g. a checkpoint's fitted prior) adds the context features.
     With `first_stage`, the ranking is the served linker's (see the module doc); `index_dir` names an
     existing index of this dataset's KB for the checkpoint instead of building a temporary one.
     `protocol` 'dim-candidates' ranks each gold among itself and its mention's `num_candidates`
@@ -126,9 +130,7 @@ def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeat
         raise UsageError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
     if protocol == DIM_CANDIDATES:
         return _evaluate_dim_protocol(dataset, split, method, features, num_candidates, sample, seed, progress)
-    if name_prior_weight < 0 or (name_prior_weight and method in BASELINES):
-        raise UsageError("name_prior_weight must be >= 0 and applies to trained models only, "
-                         f"got {name_prior_weight} for {method!r}")
+    prior = _prior_to_evaluate(method, name_prior_weight, prior_weights, first_stage)
     if first_stage is not None and first_stage not in FIRST_STAGES:
         raise UsageError(f"unknown first stage {first_stage!r}; available: {', '.join(FIRST_STAGES)}")
     if features is not None:
@@ -139,15 +141,33 @@ def evaluate(dataset: Dataset, split: str, method: str, *, features: DatasetFeat
         result, model_name, backbone, extra = _rank_baseline(method, dataset, to_rank, features, progress)
     elif first_stage is None:
         result, model_name, backbone, extra = _rank_exhaustive(Path(method), dataset, to_rank, features,
-                                                               mention_batch_size, name_prior_weight, progress)
+                                                               mention_batch_size, prior.name_weight, progress)
     else:
         result, model_name, backbone, extra = _rank_served(Path(method), dataset, to_rank, features, first_stage,
-                                                           num_candidates, name_prior_weight, index_dir, progress)
+                                                           num_candidates, prior, index_dir, progress)
     errors = error_types(result, to_rank.mentions, dataset.kb)
     if errors is not None:
         extra = {**extra, "errors": errors}
     return build_report(result, protocol=FULL_KB, kb_size=len(dataset.kb), dataset=dataset.name, split=to_rank.name,
                         model=model_name, backbone=backbone, wall_time_s=time.perf_counter() - started, extra=extra)
+
+
+def _prior_to_evaluate(method: str, name_prior_weight: float, prior_weights: Mapping[str, float] | None,
+                       first_stage: str | None) -> ContextPrior:
+    """The prior added to a trained model's scores: the name prior of `name_prior_weight`, or `prior_weights`."""
+    if name_prior_weight < 0 or (name_prior_weight and prior_weights is not None):
+        raise UsageError(f"give a name prior weight >= 0 or prior weights, not both (got {name_prior_weight}, "
+                         f"{prior_weights})")
+    try:
+        prior = ContextPrior(dict(prior_weights)) if prior_weights is not None else ContextPrior.name_only(
+            name_prior_weight)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if prior and method in BASELINES:
+        raise UsageError(f"a prior applies to trained models only, got one for {method!r}")
+    if prior.beyond_name and first_stage is None:
+        raise UsageError("a context prior reranks a first stage's shortlist: give a first stage")
+    return prior
 
 
 def _evaluate_dim_protocol(dataset: Dataset, split: str, method: str, features: DatasetFeatures | None,
@@ -239,13 +259,12 @@ def _rank_exhaustive(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, f
 
 
 def _rank_served(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, features: DatasetFeatures | None,
-                 first_stage: str, num_candidates: int, name_prior_weight: float, index_dir: Path | None,
+                 first_stage: str, num_candidates: int, prior: ContextPrior, index_dir: Path | None,
                  progress: bool) -> tuple[RankingResult, str, str, dict]:
     """Two-stage ranking through the served linker (module doc)."""
     _require_features(features, to_rank)
     _check_features_fit(checkpoint, features)
-    with served_linker(dataset, checkpoint, features, first_stage, name_prior_weight, index_dir,
-                       progress) as linker:
+    with served_linker(dataset, checkpoint, features, first_stage, prior, index_dir, progress) as linker:
         linked = linker.rank_features(to_rank.mentions, to_rank.features, top_k=num_candidates,
                                       candidates_k=num_candidates, progress=progress)
         model_type = linker.manifest["model"]["model_type"]
@@ -256,26 +275,28 @@ def _rank_served(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featu
     scored = "reranked by the model" if reranker == "model" else "not reranked (the first stage's scores)"
     extra: dict = {"ranking": f"two-stage through the served linker: {stage}, {scored}; unretrieved golds tie "
                               "with every unretrieved entity", "vectors": vectors, "reranker": reranker}
-    if name_prior_weight > 0:
-        model_name = f"{model_name}+name-prior-{name_prior_weight:g}"
-        extra = {**extra, "name_prior_weight": name_prior_weight}
+    if prior.beyond_name:
+        model_name, extra = f"{model_name}+context-prior", {**extra, "prior": prior.to_dict()}
+    elif prior:
+        model_name = f"{model_name}+name-prior-{prior.name_weight:g}"
+        extra = {**extra, "name_prior_weight": prior.name_weight}
     return result, f"{model_name}+{first_stage}@{num_candidates}", features.backbone_fingerprint, extra
 
 
 @contextlib.contextmanager
 def served_linker(dataset: Dataset, checkpoint: Path, features: DatasetFeatures, first_stage: str,
-                  name_prior_weight: float, index_dir: Path | None = None,
+                  prior: ContextPrior, index_dir: Path | None = None,
                   progress: bool = True) -> Iterator[Linker]:
     """A Linker over `dataset`'s KB for `checkpoint`: the index at `index_dir`, or one built in a temporary directory.
 
-    An existing index must hold exactly this KB, this model, this first stage and this name prior.
+    An existing index must hold exactly this KB, this model, this first stage and this prior.
     """
     if index_dir is not None:
         with Linker.load(index_dir, expect_model=checkpoint) as linker:
-            _check_index_fits(linker, dataset, first_stage, name_prior_weight)
+            _check_index_fits(linker, dataset, first_stage, prior)
             yield linker
         return
-    config = IndexBuildConfig(first_stage=first_stage, name_prior_weight=name_prior_weight)
+    config = IndexBuildConfig(first_stage=first_stage, prior_weights=prior.to_dict())
     with tempfile.TemporaryDirectory(prefix="mmel-eval-index-") as scratch:
         build_index(dataset, checkpoint, Path(scratch) / "index", config=config, entity_features=features.entities,
                     progress=progress)
@@ -283,12 +304,12 @@ def served_linker(dataset: Dataset, checkpoint: Path, features: DatasetFeatures,
             yield linker
 
 
-def _check_index_fits(linker: Linker, dataset: Dataset, first_stage: str, name_prior_weight: float) -> None:
+def _check_index_fits(linker: Linker, dataset: Dataset, first_stage: str, prior: ContextPrior) -> None:
     problems = []
     if linker.manifest["first_stage"] != first_stage:
         problems.append(f"first stage {linker.manifest['first_stage']} (asked: {first_stage})")
-    if linker.name_prior_weight != name_prior_weight:
-        problems.append(f"name prior weight {linker.name_prior_weight} (asked: {name_prior_weight})")
+    if linker.prior.to_dict() != prior.to_dict():
+        problems.append(f"prior {linker.prior.to_dict()} (asked: {prior.to_dict()})")
     kb = linker.manifest["kb"]
     if kb["checksum_at_build"] != kb_checksum(dataset.kb) or linker.manifest.get("revision", 0):
         problems.append(f"its KB ({len(linker)} entities, revision {linker.manifest.get('revision', 0)}) is not "
@@ -378,14 +399,11 @@ def tune_name_prior(dataset: Dataset, split: str, checkpoint: Path, features: Da
         raise UsageError(f"give one or more weights >= 0, got {list(weights)}")
     to_rank, linked = link_split_once(dataset, split, checkpoint, features, first_stage=first_stage,
                                       num_candidates=num_candidates, progress=progress)
-    kb = dataset.kb
-    matches = [[name_match(result.mention.surface, kb[kb.row_of(c.qid)].name) for c in result.candidates]
-               for result in linked]
+    features = shortlist_features(linked, dataset)
     metrics = {}
     for weight in sorted(set(map(float, weights))):
-        reweighted = [rescored(result, with_name_prior([c.score for c in result.candidates], match, weight))
-                      for result, match in zip(linked, matches, strict=True)]
-        metrics[weight] = ranking_from_links(reweighted, to_rank.gold_rows, kb.qids).metrics()
+        metrics[weight] = ranking_from_links(with_prior_added(linked, features, ContextPrior.name_only(weight)),
+                                             to_rank.gold_rows, dataset.kb.qids).metrics()
     best = max(metrics, key=lambda w: (metrics[w]["hits@1"], metrics[w]["mrr"], -w))
     return NamePriorTuning(checkpoint=str(checkpoint), split=to_rank.name, mentions=len(to_rank.gold_rows),
                            first_stage=first_stage, candidates=num_candidates, metrics=metrics, best_weight=best)
@@ -399,10 +417,23 @@ def link_split_once(dataset: Dataset, split: str, checkpoint: Path, features: Da
     features.check_dataset(dataset)
     _check_features_fit(checkpoint, features)
     to_rank = SplitToRank.of(dataset, split, features)
-    with served_linker(dataset, checkpoint, features, first_stage, 0.0, progress=progress) as linker:
+    with served_linker(dataset, checkpoint, features, first_stage, NO_PRIOR, progress=progress) as linker:
         linked = linker.rank_features(to_rank.mentions, to_rank.features, top_k=num_candidates,
                                       candidates_k=num_candidates, progress=progress)
     return to_rank, linked
+
+
+def shortlist_features(linked: Sequence[LinkResult], dataset: Dataset) -> list[list[tuple[float, ...]]]:
+    """[M][K][F] context features of each linked mention against each of its candidates."""
+    kb = dataset.kb
+    return [candidate_features(result.mention, [kb[kb.row_of(c.qid)] for c in result.candidates]) for result in linked]
+
+
+def with_prior_added(linked: Sequence[LinkResult], features: Sequence[Sequence[Sequence[float]]],
+                     prior: ContextPrior) -> list[LinkResult]:
+    """Each linked mention (ranked by the model alone) rescored with `prior` added, as an index serving it ranks."""
+    return [rescored(result, prior.apply([c.score for c in result.candidates], rows))
+            for result, rows in zip(linked, features, strict=True)]
 
 
 def rescored(result: LinkResult, scores: Sequence[float]) -> LinkResult:

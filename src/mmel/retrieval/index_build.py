@@ -50,6 +50,7 @@ from mmel.core.types import Dataset
 from mmel.features.store import build_features
 from mmel.features.templates import TextTemplate, get_template, template_for_views
 from mmel.lexical.bm25 import BM25Index
+from mmel.lexical.context_features import NO_PRIOR, ContextPrior
 from mmel.models import MODELS, load_model
 from mmel.retrieval import FIRST_STAGES
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
@@ -105,7 +106,8 @@ class IndexBuildConfig(ConfigBase):
     float32_cache_max_entities: int = 200_000
     bm25_fields: str = "name"                # BM25 documents: 'name' or 'name+text'
     encode_batch_size: int = 64              # entities per backbone / model batch while building
-    name_prior_weight: float | None = None   # surface-name match added to reranker scores; None: the checkpoint's
+    name_prior_weight: float | None = None   # serve the name prior of this weight alone; None: the checkpoint's
+    prior_weights: dict[str, float] | None = None   # serve this context prior (feature -> weight); None: as above
 
     def __post_init__(self) -> None:
         choices = (("first_stage", FIRST_STAGES), ("reranker", RERANKERS), ("cache_dtype", CACHE_DTYPES),
@@ -120,6 +122,21 @@ class IndexBuildConfig(ConfigBase):
         self.vector_index_config()   # checks the FAISS settings
         if self.name_prior_weight is not None and self.name_prior_weight < 0:
             raise ConfigError(f"IndexBuildConfig.name_prior_weight must be >= 0, got {self.name_prior_weight}")
+        if self.name_prior_weight is not None and self.prior_weights is not None:
+            raise ConfigError("IndexBuildConfig: give name_prior_weight or prior_weights, not both")
+        if self.prior_weights is not None:
+            try:
+                ContextPrior(dict(self.prior_weights))
+            except ValueError as error:
+                raise ConfigError(f"IndexBuildConfig.prior_weights: {error}") from None
+
+    def prior(self, spec: ModelSpec) -> ContextPrior:
+        """The context prior the index serves: the one given here, else the checkpoint's."""
+        if self.prior_weights is not None:
+            return ContextPrior(dict(self.prior_weights))
+        if self.name_prior_weight is not None:
+            return ContextPrior.name_only(self.name_prior_weight)
+        return spec.prior
 
     def storage_dtype(self, num_entities: int) -> str:
         if self.cache_dtype != "auto":
@@ -144,9 +161,14 @@ class ModelSpec:
     max_text_length: int
     views: FeatureViews = field(default_factory=FeatureViews)   # the text views the model reads (its class says)
     image_tokens: int = 49           # P: image tokens per item of the backbone's features (config.json "backbone")
-    name_prior_weight: float = 0.0   # tuned weight of the surface-name match (config.json "inference"), 0 = none
+    prior: ContextPrior = NO_PRIOR   # config.json "inference" (`prior_of`)
     directory: Path | None = None    # the checkpoint directory (where its fine-tuned text layers are)
     text_layers: dict[str, Any] | None = None   # its fine-tuned text layers (backbones.text_layers), if any
+
+    @property
+    def name_prior_weight(self) -> float:
+        """Weight of the surface-name match in the checkpoint's prior (0: none)."""
+        return self.prior.name_weight
 
     @classmethod
     def read(cls, checkpoint_dir: Path) -> ModelSpec:
@@ -160,8 +182,19 @@ class ModelSpec:
                    backbone_fingerprint=backbone.get("fingerprint"), template=template, views=views,
                    max_text_length=int(preprocess.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)),
                    image_tokens=int(backbone.get("num_patches", 49)),
-                   name_prior_weight=float((header.get("inference") or {}).get("name_prior_weight", 0.0)),
+                   prior=prior_of(header.get("inference") or {}, source=Path(checkpoint_dir)),
                    directory=Path(checkpoint_dir), text_layers=backbone.get(TEXT_LAYERS_KEY))
+
+
+def prior_of(inference: dict[str, Any], *, source: Path) -> ContextPrior:
+    """A checkpoint's context prior: its fitted `prior_weights` (`mmel fit-prior --write`), else the name prior of
+    its `name_prior_weight` (`mmel tune-name-prior --write`, or learned by `model.name_signal`), else none."""
+    try:
+        if "prior_weights" in inference:
+            return ContextPrior({name: float(weight) for name, weight in dict(inference["prior_weights"]).items()})
+        return ContextPrior.name_only(float(inference.get("name_prior_weight", 0.0)))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}/config.json: bad \"inference\" prior: {error}") from None
 
 
 @dataclass
@@ -372,7 +405,7 @@ def _new_manifest(spec: ModelSpec, config: IndexBuildConfig, dataset: Dataset, s
         "first_stage": config.first_stage, "reranker": config.reranker, "vectors": config.vectors,
         "vector_index": vector_kind,
         "bm25_fields": config.bm25_fields, "cache_dtype": storage_dtype,
-        "name_prior_weight": spec.name_prior_weight if config.name_prior_weight is None else config.name_prior_weight,
+        "name_prior_weight": config.prior(spec).name_weight, "prior": config.prior(spec).to_dict(),
         "build_config": config.to_dict(), "revision": 0, "changes": [],
     }
 

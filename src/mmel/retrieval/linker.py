@@ -40,6 +40,7 @@ from mmel.core.types import Candidate, Entity, LinkResult, Mention, locate_span
 from mmel.features.encoding import encode_items
 from mmel.features.templates import extra_view_texts
 from mmel.lexical.bm25 import BM25Index
+from mmel.lexical.context_features import ContextPrior
 from mmel.models import load_model
 from mmel.models.base import MelModel
 from mmel.retrieval.entity_cache import CacheLayout, EntityCacheStore
@@ -124,9 +125,19 @@ class Linker(KBEdits):
         return FirstStage(self.manifest["first_stage"], self._vectors, self._bm25)
 
     @property
+    def prior(self) -> ContextPrior:
+        """The context features added to reranker scores (empty: the model alone); set when building.
+
+        Indexes built before the context prior existed hold only `name_prior_weight`: the name prior.
+        """
+        if "prior" in self.manifest:
+            return ContextPrior(dict(self.manifest["prior"]))
+        return ContextPrior.name_only(float(self.manifest.get("name_prior_weight", 0.0)))
+
+    @property
     def name_prior_weight(self) -> float:
-        """Weight of the surface-name match added to reranker scores (0: the model alone); set when building."""
-        return float(self.manifest.get("name_prior_weight", 0.0))
+        """Weight of the surface-name match in the prior (0: none)."""
+        return self.prior.name_weight
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
@@ -276,11 +287,10 @@ class Linker(KBEdits):
         else:
             query_vectors = features.text_global.float().cpu().numpy()                  # [B, Dt]
         shortlists = self._first_stage.retrieve(mentions, query_vectors, candidates_k)
-        prior = self.name_prior_weight
-        shortlisted = self.entities([qid for shortlist in shortlists for qid, _ in shortlist]) if prior > 0 else {}
+        prior = self.prior
+        shortlisted = self.entities([qid for shortlist in shortlists for qid, _ in shortlist]) if prior else {}
         ranked_all = rerank(self.model if reranks else None, encoded, shortlists, self._cache.gather,
-                            surfaces=[mention.surface for mention in mentions],
-                            names={qid: entity.name for qid, entity in shortlisted.items()}, name_prior_weight=prior)
+                            mentions=mentions, entities=shortlisted, prior=prior)
         kept = [items[:top_k] for items in ranked_all]
         names = shortlisted or self.entities([item.qid for items in kept for item in items])
         threshold = self._nil.threshold if self._nil is not None else None
@@ -345,7 +355,7 @@ class Linker(KBEdits):
             "revision": self.manifest.get("revision", 0),
             "nil_threshold": self._nil.threshold if self._nil is not None else None,
             "nil_statistic": self._nil.statistic if self._nil is not None else None,
-            "name_prior_weight": self.name_prior_weight,
+            "name_prior_weight": self.name_prior_weight, "prior": self.prior.to_dict(),
             "mmel_version": self.manifest["mmel_version"], "created": self.manifest["created"],
         }
 

@@ -1,24 +1,27 @@
 """Reranking a first stage's shortlists with a model, the name prior and the tie rule (the one implementation).
 
 For each mention, the model scores the mention against each of its K shortlisted entities
-(`MelModel.match_candidates` over the entities' cached rows). With a name prior of weight w > 0
-(an mmel option, tuned on dev and stored in the checkpoint), each score becomes
-`score + w * name_match(surface, entity name)` and the unit scores gain `name_match`. Candidates
-are then ordered by score, ties keeping first-stage order (`order_by_score`).
+(`MelModel.match_candidates` over the entities' cached rows). With a context prior (an mmel option
+fitted on dev and stored in the checkpoint: `lexical.context_features`), each score becomes
+`score + sum_f w_f * f(mention, entity)` and the unit scores gain each weighted feature; the name
+prior `score + w * name_match(surface, entity name)` is its one-feature case. Candidates are then
+ordered by score, ties keeping first-stage order (`order_by_score`).
 
-The served linker, `mmel evaluate --first-stage` and `mmel tune-name-prior` all go through here.
+The served linker, `mmel evaluate --first-stage`, `mmel tune-name-prior` and `mmel fit-prior` all go
+through here.
 
 Shapes: B mentions, K candidates per mention, U distinct shortlisted entities.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mmel.lexical.name_match import name_match
+from mmel.core.types import Entity, Mention
+from mmel.lexical.context_features import FEATURE_NAMES, NO_PRIOR, ContextPrior, candidate_features
 from mmel.models.base import MelModel, RowCache
 from mmel.retrieval.first_stage import Shortlist
 
@@ -46,9 +49,14 @@ def order_by_score(scores: Sequence[float], first_stage_ranks: Sequence[int] | N
     return sorted(range(len(scores)), key=lambda i: (-scores[i], ranks[i]))
 
 
-def with_name_prior(scores: Sequence[float], matches: Sequence[float], weight: float) -> list[float]:
-    """score + weight * name_match, element-wise (the prior of `mmel tune-name-prior`)."""
-    return [score + weight * match for score, match in zip(scores, matches, strict=True)]
+def with_prior(scores: Sequence[float], features: Sequence[Sequence[float]], prior: ContextPrior
+               ) -> tuple[list[float], dict[str, list[float]]]:
+    """[K] scores with the prior added, and the [K] values of each weighted feature (as unit scores)."""
+    if not prior:
+        return list(scores), {}
+    used = [name for name, weight in prior.to_dict().items() if weight]
+    units = {name: [row[FEATURE_NAMES.index(name)] for row in features] for name in used}
+    return prior.apply(scores, features), units
 
 
 def model_scores(model: MelModel, mentions: RowCache, shortlists: list[Shortlist],
@@ -75,23 +83,24 @@ def model_scores(model: MelModel, mentions: RowCache, shortlists: list[Shortlist
     return scored
 
 
-def rerank(model: MelModel | None, mentions: RowCache | None, shortlists: list[Shortlist], cache_rows: CacheRows, *,
-           surfaces: Sequence[str], names: dict[str, str], name_prior_weight: float = 0.0
+def rerank(model: MelModel | None, encoded: RowCache | None, shortlists: list[Shortlist], cache_rows: CacheRows, *,
+           mentions: Sequence[Mention], entities: Mapping[str, Entity], prior: ContextPrior = NO_PRIOR
            ) -> list[list[RankedCandidate]]:
-    """Each mention's shortlist reranked (best first), scored from the model's `mentions` cache [B].
+    """Each mention's shortlist reranked (best first), scored from the model's `encoded` mentions cache [B].
 
     `model` None keeps the first-stage scores (and needs no cache).
-    `names` (QID -> entity name) must cover the shortlisted entities when `name_prior_weight` > 0.
+    `entities` (QID -> Entity) must cover the shortlisted entities when `prior` weights anything.
     """
     if model is None:
         scored = [([score for _, score in shortlist], {}) for shortlist in shortlists]
     else:
-        scored = model_scores(model, mentions, shortlists, cache_rows)
+        scored = model_scores(model, encoded, shortlists, cache_rows)
     ranked = []
-    for surface, shortlist, (scores, units) in zip(surfaces, shortlists, scored, strict=True):
-        if name_prior_weight > 0:
-            units = {**units, "name_match": [name_match(surface, names.get(qid, "")) for qid, _ in shortlist]}
-            scores = with_name_prior(scores, units["name_match"], name_prior_weight)
+    for mention, shortlist, (scores, units) in zip(mentions, shortlists, scored, strict=True):
+        if prior:
+            features = candidate_features(mention, [entities[qid] for qid, _ in shortlist])      # [K][F]
+            scores, prior_units = with_prior(scores, features, prior)
+            units = {**units, **prior_units}
         ranked.append([RankedCandidate(qid=shortlist[i][0], score=scores[i],
                                        unit_scores={name: values[i] for name, values in units.items()},
                                        retrieval_score=shortlist[i][1], first_stage_rank=i)
@@ -99,4 +108,4 @@ def rerank(model: MelModel | None, mentions: RowCache | None, shortlists: list[S
     return ranked
 
 
-__all__ = ["CacheRows", "RankedCandidate", "model_scores", "order_by_score", "rerank", "with_name_prior"]
+__all__ = ["CacheRows", "RankedCandidate", "model_scores", "order_by_score", "rerank", "with_prior"]
