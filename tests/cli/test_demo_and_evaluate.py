@@ -149,9 +149,10 @@ def test_fit_prior_writes_the_context_prior_that_evaluate_and_the_index_serve(ti
     common = ["--dataset", str(tiny_dataset_dir), "--features", str(tmp_path / "store"), "--split", "test",
               "--candidates", "8"]
     result = runner.invoke(app, ["fit-prior", str(checkpoint), *common, "--folds", "2", "--feature", "name_match",
-                                 "--feature", "shared_words", "--write"])
+                                 "--feature", "shared_words", "--ablation", "--write"])
     assert result.exit_code == 0, result.output
     assert "| context prior (fitted) |" in result.output and "| shared_words |" in result.output
+    assert "| context prior without name_match |" in result.output
     assert set(ModelSpec.read(checkpoint).prior.weights) == {"name_match", "shared_words"}
     assert json.loads((checkpoint / "config.json").read_text())["inference"]["tuned_on"].startswith("tiny test")
     # the tiny model ranks its split alone (the fit gives ~0 weights): serve a prior that matters

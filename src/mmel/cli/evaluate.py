@@ -114,6 +114,8 @@ def fit_prior(
         "--feature", help="A context feature to fit (repeat the option; default: all of "
                           "mmel.lexical.context_features.FEATURE_NAMES).")] = None,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds of the report.")] = 5,
+    ablation: Annotated[bool, typer.Option("--ablation", help="Also cross-validate the prior without each feature "
+                                                              "in turn.")] = False,
     first_stage: Annotated[FirstStageName, typer.Option(help="First stage.")] = FirstStageName.hybrid,
     candidates: Annotated[int, typer.Option(min=1, help="Candidates reranked per mention.")] = 100,
     write: Annotated[bool, typer.Option("--write", help="Store the fitted weights in the checkpoint's config.json "
@@ -130,7 +132,7 @@ def fit_prior(
         dataset = load_dataset(dataset)
         fit = fit_context_prior(dataset, split, checkpoint, features_for(features, dataset, str(checkpoint)),
                                 feature_names=feature or FEATURE_NAMES, first_stage=first_stage.value,
-                                num_candidates=candidates, folds=folds)
+                                num_candidates=candidates, folds=folds, ablation=ablation)
         console.print(fit.to_markdown())
         if write:
             scores = fit.cross_validated["context prior (fitted)"]

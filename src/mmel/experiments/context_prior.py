@@ -120,8 +120,12 @@ def _gold_positions(linked: Sequence[LinkResult]) -> list[int]:
 
 def fit_context_prior(dataset: Dataset, split: str, checkpoint: Path, features: DatasetFeatures, *,
                       feature_names: Sequence[str] = FEATURE_NAMES, first_stage: str = "hybrid",
-                      num_candidates: int = 100, folds: int = 5, seed: int = 0, progress: bool = True) -> PriorFit:
-    """Fit the prior on `split` (never the test split you report) and cross-validate it there (module doc)."""
+                      num_candidates: int = 100, folds: int = 5, seed: int = 0, ablation: bool = False,
+                      progress: bool = True) -> PriorFit:
+    """Fit the prior on `split` (never the test split you report) and cross-validate it there (module doc).
+
+    With `ablation`, the report also cross-validates the prior without each of its features in turn.
+    """
     unknown = sorted(set(feature_names) - set(FEATURE_NAMES))
     if unknown or not feature_names:
         raise UsageError(f"unknown or no features {unknown or '(none)'}; known: {', '.join(FEATURE_NAMES)}")
@@ -151,6 +155,10 @@ def fit_context_prior(dataset: Dataset, split: str, checkpoint: Path, features: 
                                                 dataset.kb.qids).metrics(),
               "name prior (fitted)": cross_validated(["name_match"]),
               "context prior (fitted)": cross_validated(list(feature_names))}
+    if ablation and len(feature_names) > 1:
+        for left_out in feature_names:
+            report[f"context prior without {left_out}"] = cross_validated(
+                [name for name in feature_names if name != left_out])
     model_weight, weights = fit_weights(scores, values, gold, list(feature_names))
     return PriorFit(checkpoint=str(checkpoint), split=to_rank.name, mentions=len(linked),
                     fitted_on=sum(position >= 0 for position in gold), first_stage=first_stage,
