@@ -168,7 +168,8 @@ def test_fit_prior_writes_the_context_prior_that_evaluate_and_the_index_serve(ti
                                     str(tmp_path / "reports")])
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(next((tmp_path / "reports").glob("*.json")).read_text())
-    assert report["model"].endswith("+context-prior+hybrid@8") and report["extra"]["prior"] == prior.to_dict()
+    assert report["model"].endswith(f"+context-prior-{prior.fingerprint()}+hybrid@8")
+    assert report["extra"]["prior"] == prior.to_dict()
     refused = runner.invoke(app, ["evaluate", str(tiny_dataset_dir), "--model", str(checkpoint), "--features",
                                   str(tmp_path / "store"), "--fitted-prior"])
     assert refused.exit_code == 1 and "first stage" in refused.output

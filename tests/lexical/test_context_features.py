@@ -83,3 +83,13 @@ def test_the_prior_adds_weighted_features_to_the_model_scores():
 def test_the_prior_refuses_unknown_features_and_bad_weights(weights):
     with pytest.raises(ValueError, match=r"unknown context features|finite"):
         ContextPrior(weights)
+
+
+def test_a_life_date_in_the_sentence_and_the_rest_of_the_name_point_to_the_entity():
+    sentence = "Agatha Mary Clarissa Christie (15 September 1890 - 12 January 1976) was an English writer"
+    agatha = features(sentence, "Christie", AGATHA)
+    assert agatha["year_of_birth_or_death"] == 1.0 and features(sentence, "Christie", JULIE)[
+        "year_of_birth_or_death"] == 0.0
+    assert agatha["name_in_sentence"] == 1.0                        # "agatha" and "christie" both there
+    assert features(sentence, "Christie", JULIE)["name_in_sentence"] == 0.5
+    assert features("a photo", "Christie", UNDATED)["name_in_sentence"] == 0.0

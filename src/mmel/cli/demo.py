@@ -7,8 +7,6 @@ baseline on the example test split. Every step is a library call; this file only
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -39,8 +37,7 @@ def demo(
     with exit_on_user_errors():
         dataset = load_dataset(dataset)
         prior = ModelSpec.read(model).prior
-        prior_key = hashlib.sha256(json.dumps(prior.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-        index_dir = work / f"index-{weights_fingerprint(model)[:12]}-prior-{prior_key}"
+        index_dir = work / f"index-{weights_fingerprint(model)[:12]}-prior-{prior.fingerprint()}"
         if not index_dir.is_dir():
             console.print(f"building the example index in {index_dir} (once) ...")
             console.print(build_index(dataset, model, index_dir).summary())

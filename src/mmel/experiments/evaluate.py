@@ -276,7 +276,7 @@ def _rank_served(checkpoint: Path, dataset: Dataset, to_rank: SplitToRank, featu
     extra: dict = {"ranking": f"two-stage through the served linker: {stage}, {scored}; unretrieved golds tie "
                               "with every unretrieved entity", "vectors": vectors, "reranker": reranker}
     if prior.beyond_name:
-        model_name, extra = f"{model_name}+context-prior", {**extra, "prior": prior.to_dict()}
+        model_name, extra = f"{model_name}+context-prior-{prior.fingerprint()}", {**extra, "prior": prior.to_dict()}
     elif prior:
         model_name = f"{model_name}+name-prior-{prior.name_weight:g}"
         extra = {**extra, "name_prior_weight": prior.name_weight}

@@ -4,9 +4,11 @@ The trained models rank most of a mention's namesakes right, but 507 of WikiMEL'
 with the name prior are namesakes (docs/RESULTS.md, issue 16), and many of them are settled by facts a
 small model reads badly from text: a photo "in 1966" cannot show a man born in 1962 as an adult, a
 sentence about "her career" is not about a man, a biography naming the entity's spouse or birthplace
-points to it, and of two namesakes the one with the longer KB entry is usually the one a caption
-names. Each fact is one number, so a linear prior over them can be fitted on a dev split
-(`mmel fit-prior`) and added to the model's score at reranking (`retrieval.reranking`):
+or its year of death points to it, a sentence that spells out the rest of the name ("Theodore II
+Doukas Laskaris" for the surface "Laskaris") points to the namesake with that name, and of two
+namesakes the one with the longer KB entry is usually the one a caption names. Each fact is one
+number, so a linear prior over them can be fitted on a dev split (`mmel fit-prior`) and added to
+the model's score at reranking (`retrieval.reranking`):
 
     score(m, e) = model(m, e) + sum_f w_f * f(m, e)        f in FEATURE_NAMES
 
@@ -22,6 +24,8 @@ year and pronoun features.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import unicodedata
@@ -38,9 +42,11 @@ FEATURE_NAMES = (
     "year_after_death",      # 1: ... a year after it died (posthumous mentions exist: a weak signal)
     "year_in_childhood",     # 1: ... a year within its first 16 years
     "year_in_adult_life",    # 1: ... a year from its 16th birthday to its death (or 100th birthday)
+    "year_of_birth_or_death",  # 1: ... its year of birth or of death ("(1501 - 19 May 1536) was Queen of ...")
     "pronoun_agrees",        # 1: the sentence's gendered words agree with the entity's sex
     "pronoun_conflicts",     # 1: ... contradict it
     "shared_words",          # log(1 + content-word stems shared by the sentence and the entity text)
+    "name_in_sentence",      # share of the entity name's tokens anywhere in the sentence ("Theodore II ... Laskaris")
     "entry_length",          # log(1 + characters of the entity's text): how much the KB knows of it
 )
 
@@ -80,6 +86,7 @@ class EntityFacts:
     """What the features read from an entity: life years, sex (+1 male, -1 female, 0 unknown), stems, length."""
 
     name: str
+    name_tokens: frozenset[str]
     birth: int | None
     death: int | None
     sex: int
@@ -92,7 +99,8 @@ class EntityFacts:
         """The facts of `entity` (cached: a served KB's shortlisted entities recur)."""
         text = f"{entity.attributes} {entity.description}"
         birth, death, sex = _BIRTH.search(text), _DEATH.search(text), _SEX.search(text)
-        return EntityFacts(name=entity.name, birth=int(birth.group(1)) if birth else None,
+        return EntityFacts(name=entity.name, name_tokens=name_tokens(entity.name),
+                           birth=int(birth.group(1)) if birth else None,
                            death=int(death.group(1)) if death else None,
                            sex=0 if sex is None else (1 if sex.group(1).lower() == "male" else -1),
                            stems=content_stems(text, name_tokens(entity.name)),
@@ -101,9 +109,11 @@ class EntityFacts:
 
 @dataclass(frozen=True)
 class MentionFacts:
-    """What the features read from a mention: surface, years named, gendered words (+1, -1, 0), stems."""
+    """What the features read from a mention: surface, sentence tokens, years named, gendered words (+1, -1, 0),
+    stems."""
 
     surface: str
+    tokens: frozenset[str]
     years: tuple[int, ...]
     gender: int
     stems: frozenset[str]
@@ -112,7 +122,8 @@ class MentionFacts:
     def of(cls, mention: Mention) -> MentionFacts:
         words = set(_words(mention.sentence))
         gender = int(bool(words & _MALE_WORDS)) - int(bool(words & _FEMALE_WORDS))
-        return cls(surface=mention.surface, years=tuple(int(year) for year in _YEAR.findall(mention.sentence)),
+        return cls(surface=mention.surface, tokens=name_tokens(mention.sentence),
+                   years=tuple(int(year) for year in _YEAR.findall(mention.sentence)),
                    gender=gender, stems=content_stems(mention.sentence, name_tokens(mention.surface)))
 
 
@@ -127,9 +138,11 @@ def pair_features(mention: MentionFacts, entity: EntityFacts) -> tuple[float, ..
         float(bool(years) and entity.death is not None and any(year > entity.death + 1 for year in years)),
         float(dated and any(birth <= year < birth + CHILDHOOD_YEARS for year in years)),
         float(dated and any(birth + CHILDHOOD_YEARS <= year <= end for year in years)),
+        float(any(year in (birth, entity.death) for year in years)),
         float(mention.gender != 0 and entity.sex == mention.gender),
         float(mention.gender != 0 and entity.sex == -mention.gender),
         math.log1p(len(mention.stems & entity.stems)),
+        len(mention.tokens & entity.name_tokens) / len(entity.name_tokens) if entity.name_tokens else 0.0,
         math.log1p(entity.text_length),
     )
 
@@ -177,6 +190,10 @@ class ContextPrior:
 
     def to_dict(self) -> dict[str, float]:
         return {name: self.weights[name] for name in FEATURE_NAMES if name in self.weights}
+
+    def fingerprint(self) -> str:
+        """8 hex digits naming these weights (report names, index directories)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
     def apply(self, scores: Sequence[float], features: Sequence[Sequence[float]]) -> list[float]:
         """[K] score + sum_f w_f * feature_f, for K candidates with features [K][F] (FEATURE_NAMES order)."""
