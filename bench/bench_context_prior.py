@@ -8,8 +8,8 @@ and `context` (the checkpoint's fitted context prior). Variants alternate in eac
 Mention features are read from the feature store, so query encoding (the same for every variant)
 is left out: this is the reranking stage's cost.
 
-    python bench/bench_context_prior.py --index /work/index/wikimel-ft --dataset /work/data/wikimel \\
-        --features /work/features --mentions 1000 --repeats 3 --out bench/results/context-prior.json
+    python bench/bench_context_prior.py --index /work/index/wm-ft --dataset /work/data/wikimel \\
+        --features /work/features --mentions 500 --repeats 5 --out bench/results/context-prior-wikimel.json
 """
 
 from __future__ import annotations
