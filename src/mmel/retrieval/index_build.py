@@ -395,6 +395,7 @@ def _new_manifest(spec: ModelSpec, config: IndexBuildConfig, dataset: Dataset, s
                   vector_kind: str, with_image: int) -> dict[str, Any]:
     from mmel import __version__
 
+    prior = config.prior(spec)
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "mmel_version": __version__, "created": _now(),
         "model": {"model_type": spec.model_type, "fingerprint": spec.fingerprint},
@@ -405,7 +406,7 @@ def _new_manifest(spec: ModelSpec, config: IndexBuildConfig, dataset: Dataset, s
         "first_stage": config.first_stage, "reranker": config.reranker, "vectors": config.vectors,
         "vector_index": vector_kind,
         "bm25_fields": config.bm25_fields, "cache_dtype": storage_dtype,
-        "name_prior_weight": config.prior(spec).name_weight, "prior": config.prior(spec).to_dict(),
+        "name_prior_weight": prior.name_weight, "prior": prior.to_dict(),
         "build_config": config.to_dict(), "revision": 0, "changes": [],
     }
 
